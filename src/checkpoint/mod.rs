@@ -1,0 +1,419 @@
+//! Reading and writing checkpoints: format detection (safetensors or PyTorch
+//! zip), layout mapping to timm's names, adaptation to a model configuration
+//! (shared → per-block tables, table resizing, pretraining-only keys) and a
+//! strict check that names every missing, unexpected or mis-shaped key.
+
+pub mod keymap;
+pub mod pickle;
+pub mod torch;
+
+use crate::model::rel_pos::{resize_table, square_window_for_len, table_len};
+use crate::model::{Beit, BeitConfig, GlobalPool, RelPosBias, RelPosInterp, expected_weights};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use keymap::{Layout, detect_layout, is_pretraining_only, mmpretrain_to_timm};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Metadata key under which converted safetensors carry the model config (JSON).
+pub const CONFIG_METADATA_KEY: &str = "beitv2_config";
+
+/// Weights under timm's names, as read from one file.
+#[derive(Debug, Clone)]
+pub struct StateDict {
+    pub path: PathBuf,
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The model config stored by `beitv2 convert`, when present.
+    pub config: Option<BeitConfig>,
+}
+
+enum FileKind {
+    Safetensors,
+    TorchZip,
+    LegacyPickle,
+}
+
+fn sniff(path: &Path) -> Result<FileKind> {
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+    let n = f
+        .read(&mut head)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    if n >= 4 && &head[..4] == b"PK\x03\x04" {
+        return Ok(FileKind::TorchZip);
+    }
+    if n >= 2 && head[0] == 0x80 && head[1] <= 5 {
+        return Ok(FileKind::LegacyPickle);
+    }
+    if n == 9 && head[8] == b'{' {
+        return Ok(FileKind::Safetensors);
+    }
+    if n == 0 {
+        bail!("checkpoint {} is empty", path.display());
+    }
+    bail!(
+        "{} is neither a safetensors file nor a PyTorch checkpoint",
+        path.display()
+    )
+}
+
+fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, Option<BeitConfig>)> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+    // SAFETY: the file is only read; a concurrent writer could change the bytes
+    // under us, which at worst yields wrong values, as with any read.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map checkpoint {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let config = match meta.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) {
+        Some(json) => Some(serde_json::from_str(json).with_context(|| {
+            format!(
+                "the model config stored in {} is not valid",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .with_context(|| format!("cannot read tensor '{name}' from {}", path.display()))?;
+        out.push((name, t));
+    }
+    Ok((out, config))
+}
+
+fn read_torch(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let value = torch::read_torch_file(path)?;
+    // Training checkpoints wrap the weights: mmengine under `state_dict`,
+    // UNILM under `model` (or `module` when saved by DeepSpeed).
+    let (_, weights) = torch::find_state_dict(&value);
+    let tensors = torch::tensors_with_prefix(weights);
+    if tensors.is_empty() {
+        bail!("{} holds no tensors", path.display());
+    }
+    Ok(tensors)
+}
+
+/// Reads a checkpoint of any supported format and renames its keys to timm's.
+pub fn read_state_dict(path: &Path) -> Result<StateDict> {
+    let (raw, config) = match sniff(path)? {
+        FileKind::Safetensors => read_safetensors(path)?,
+        FileKind::TorchZip | FileKind::LegacyPickle => (read_torch(path)?, None),
+    };
+    // DataParallel / DDP wrappers prefix every key with `module.`.
+    let strip_module = raw.iter().all(|(k, _)| k.starts_with("module."));
+    let layout = detect_layout(raw.iter().map(|(k, _)| k.as_str()));
+    let mut tensors = BTreeMap::new();
+    for (k, t) in raw {
+        let k = if strip_module {
+            k["module.".len()..].to_string()
+        } else {
+            k
+        };
+        let k = match layout {
+            Layout::Timm => k,
+            Layout::MmPretrain => mmpretrain_to_timm(&k),
+        };
+        tensors.insert(k, t);
+    }
+    Ok(StateDict {
+        path: path.to_path_buf(),
+        tensors,
+        config,
+    })
+}
+
+fn shape_of(t: &Tensor) -> Vec<usize> {
+    t.dims().to_vec()
+}
+
+fn dims_str(d: &[usize]) -> String {
+    format!(
+        "({})",
+        d.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Infers the architecture from tensor shapes (for checkpoints that carry no
+/// config). Normalisation and crop cannot be seen in weights: BEiT v2
+/// (ImageNet mean/std, crop 0.875) is assumed.
+pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
+    let t = &sd.tensors;
+    let get = |k: &str| {
+        t.get(k).map(shape_of).with_context(|| {
+            format!(
+                "cannot infer the architecture of {}: key '{k}' is missing (pass --arch or --config)",
+                sd.path.display()
+            )
+        })
+    };
+    let cls = get("cls_token")?;
+    let pe = get("patch_embed.proj.weight")?;
+    let embed_dim = *cls.last().unwrap_or(&0);
+    let depth = t
+        .keys()
+        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map(|m| m + 1)
+        .with_context(|| format!("{} has no `blocks.N.` keys", sd.path.display()))?;
+    let (patch_size, in_chans) = (pe[2], pe[1]);
+    let per_block = t.get("blocks.0.attn.relative_position_bias_table");
+    let shared = t.get("rel_pos_bias.relative_position_bias_table");
+    let rel_pos_bias = match (per_block, shared) {
+        (Some(_), _) => RelPosBias::PerBlock,
+        (None, Some(_)) => RelPosBias::Shared,
+        (None, None) => RelPosBias::None,
+    };
+    let table = per_block.or(shared);
+    let (num_heads, window) = match table {
+        Some(tb) => {
+            let (rows, heads) = tb.dims2()?;
+            let w = square_window_for_len(rows).with_context(|| {
+                format!(
+                    "{}: a relative position table of {rows} rows is not a square window (pass --config)",
+                    sd.path.display()
+                )
+            })?;
+            (heads, w)
+        }
+        None => bail!(
+            "cannot infer the number of heads of {}: it has no relative position table (pass --config)",
+            sd.path.display()
+        ),
+    };
+    let fc1 = get("blocks.0.mlp.fc1.weight")?;
+    let global_pool = if t.contains_key("fc_norm.weight") {
+        GlobalPool::Avg
+    } else if t.contains_key("norm.weight") {
+        GlobalPool::Token
+    } else {
+        GlobalPool::Avg
+    };
+    let mut cfg = BeitConfig::preset("beitv2_base_patch16_224")?;
+    cfg.img_size = [window.0 * patch_size, window.1 * patch_size];
+    cfg.patch_size = patch_size;
+    cfg.in_chans = in_chans;
+    cfg.num_classes = t.get("head.weight").map(|h| h.dims()[0]).unwrap_or(0);
+    cfg.embed_dim = embed_dim;
+    cfg.depth = depth;
+    cfg.num_heads = num_heads;
+    cfg.mlp_ratio = fc1[0] as f64 / embed_dim as f64;
+    cfg.qkv_bias = t.contains_key("blocks.0.attn.q_bias");
+    cfg.use_abs_pos_emb = t.contains_key("pos_embed");
+    cfg.rel_pos_bias = rel_pos_bias;
+    cfg.layer_scale = t.contains_key("blocks.0.gamma_1");
+    cfg.global_pool = global_pool;
+    cfg.validate()
+        .with_context(|| format!("inferred an invalid config from {}", sd.path.display()))?;
+    Ok(cfg)
+}
+
+/// Makes a state dict fit `cfg`: drops index buffers and pretraining-only
+/// keys, clones a shared table into every block of a per-block model, resizes
+/// relative-position tables to the model's window, converts to f32, and then
+/// checks every key and shape strictly.
+pub fn adapt_to_config(
+    sd: &StateDict,
+    cfg: &BeitConfig,
+    interp: RelPosInterp,
+) -> Result<HashMap<String, Tensor>> {
+    let file = sd.path.display();
+    let mut t: BTreeMap<String, Tensor> = sd
+        .tensors
+        .iter()
+        .filter(|(k, _)| !k.ends_with("relative_position_index") && k.as_str() != "attn.k_bias")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let pretraining = t.keys().any(|k| is_pretraining_only(k));
+    if pretraining {
+        let before = t.len();
+        t.retain(|k, _| !is_pretraining_only(k));
+        // The MIM model's final `norm` is unused by an average-pooling classifier.
+        if cfg.global_pool == GlobalPool::Avg {
+            t.retain(|k, _| !k.starts_with("norm."));
+        }
+        tracing::info!(
+            "{file}: ignored {} pretraining-only tensors",
+            before - t.len()
+        );
+    }
+    const SHARED: &str = "rel_pos_bias.relative_position_bias_table";
+    if cfg.rel_pos_bias == RelPosBias::PerBlock
+        && let Some(shared) = t.remove(SHARED)
+    {
+        for i in 0..cfg.depth {
+            t.entry(format!("blocks.{i}.attn.relative_position_bias_table"))
+                .or_insert_with(|| shared.clone());
+        }
+        tracing::info!("{file}: cloned the shared relative position table into every block");
+    }
+    let dst_window = cfg.grid();
+    let dst_rows = table_len(dst_window);
+    for (k, v) in t.iter_mut() {
+        if !k.ends_with("relative_position_bias_table") {
+            continue;
+        }
+        let (rows, heads) = v
+            .dims2()
+            .with_context(|| format!("{file}: '{k}' should be a 2-D table"))?;
+        if rows == dst_rows {
+            continue;
+        }
+        let src_window = square_window_for_len(rows).with_context(|| {
+            format!(
+                "{file}: '{k}' has {rows} rows, which is no square window; cannot resize it to {dst_rows}"
+            )
+        })?;
+        let data = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let resized = resize_table(&data, heads, src_window, dst_window, interp)
+            .with_context(|| format!("{file}: resizing '{k}'"))?;
+        *v = Tensor::from_vec(resized, (dst_rows, heads), &Device::Cpu)?;
+        tracing::debug!(
+            "{file}: resized '{k}' from {rows} to {dst_rows} rows ({interp:?})"
+        );
+    }
+    let expected = expected_weights(cfg)?;
+    let mut missing = Vec::new();
+    let mut wrong = Vec::new();
+    for (name, shape) in &expected {
+        match t.get(name) {
+            None => missing.push(format!("{name} {}", dims_str(shape))),
+            Some(v) if v.dims() != shape.as_slice() => wrong.push(format!(
+                "{name}: checkpoint {} vs model {}",
+                dims_str(v.dims()),
+                dims_str(shape)
+            )),
+            Some(_) => {}
+        }
+    }
+    let unexpected: Vec<String> = t
+        .iter()
+        .filter(|(k, _)| !expected.iter().any(|(n, _)| n == *k))
+        .map(|(k, v)| format!("{k} {}", dims_str(v.dims())))
+        .collect();
+    if !(missing.is_empty() && wrong.is_empty() && unexpected.is_empty()) {
+        let mut msg = format!("{file} does not fit the model");
+        for (what, list) in [
+            ("wrong shape", &wrong),
+            ("missing", &missing),
+            ("unexpected", &unexpected),
+        ] {
+            if !list.is_empty() {
+                let shown: Vec<&str> = list.iter().take(12).map(String::as_str).collect();
+                let more = if list.len() > 12 {
+                    format!(" … and {} more", list.len() - 12)
+                } else {
+                    String::new()
+                };
+                msg.push_str(&format!("\n  {what} ({}): {}{more}", list.len(), shown.join("; ")));
+            }
+        }
+        bail!(msg);
+    }
+    t.into_iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == DType::F32 {
+                v
+            } else {
+                v.to_dtype(DType::F32)?
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
+
+/// How to pick the model configuration for a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A preset name (`beitv2_base_patch16_224`, ...).
+    pub arch: Option<String>,
+    /// A full custom configuration (wins over `arch`).
+    pub config: Option<BeitConfig>,
+    /// Run at another input size (tables are resized).
+    pub img_size: Option<[usize; 2]>,
+    pub interp: RelPosInterp,
+}
+
+/// Chooses the config: explicit config, else preset (head size taken from the
+/// checkpoint), else the config stored in the file, else inferred from shapes.
+pub fn resolve_config(sd: &StateDict, opts: &LoadOptions) -> Result<BeitConfig> {
+    let mut cfg = if let Some(c) = &opts.config {
+        c.clone()
+    } else if let Some(arch) = &opts.arch {
+        let mut c = BeitConfig::preset(arch)?;
+        if let Some(head) = sd.tensors.get("head.weight") {
+            let rows = head.dims()[0];
+            if rows != c.num_classes {
+                tracing::info!("{}: using its {rows}-class head", sd.path.display());
+                c.num_classes = rows;
+            }
+        }
+        c
+    } else if let Some(c) = &sd.config {
+        c.clone()
+    } else {
+        let c = infer_config(sd)?;
+        tracing::warn!(
+            "{}: no --arch given and no stored config; inferred the architecture from shapes and assumed BEiT v2 preprocessing (ImageNet mean/std)",
+            sd.path.display()
+        );
+        c
+    };
+    if let Some([h, w]) = opts.img_size {
+        cfg = cfg.with_img_size(h, w)?;
+    }
+    Ok(cfg)
+}
+
+/// Reads a checkpoint and fits its weights to the chosen config.
+pub fn load_weights(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(BeitConfig, HashMap<String, Tensor>)> {
+    let sd = read_state_dict(path)?;
+    let cfg = resolve_config(&sd, opts)?;
+    let weights = adapt_to_config(&sd, &cfg, opts.interp)?;
+    Ok((cfg, weights))
+}
+
+/// Builds the model from weights under timm's names (already fitted by
+/// [`adapt_to_config`]).
+pub fn build_model(cfg: &BeitConfig, weights: HashMap<String, Tensor>) -> Result<Beit> {
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    Ok(Beit::new(cfg, vb)?)
+}
+
+/// Reads a checkpoint and builds the model.
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<Beit> {
+    let (cfg, weights) = load_weights(path, opts)?;
+    build_model(&cfg, weights).with_context(|| format!("building the model from {}", path.display()))
+}
+
+/// Writes tensors as safetensors with the model config in the metadata,
+/// atomically (temporary file in the same folder, then rename).
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    cfg: &BeitConfig,
+) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(CONFIG_METADATA_KEY.to_string(), serde_json::to_string(cfg)?);
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let contiguous: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|k| (k, &tensors[k]))
+        .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+        .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+    crate::util::write_atomic(path, &bytes)
+}

@@ -1,0 +1,177 @@
+//! `beitv2 features`: embeddings per image, written to safetensors (one tensor
+//! per image, keyed by path) or `.npy` (one stacked array, paths beside it).
+
+use super::{ModelArgs, PreprocessArgs, finish_batch, inputs, progress, stack_batch};
+use crate::data::load_batch;
+use crate::model::Beit;
+use anyhow::{Context, Result, bail};
+use candle_core::{IndexOp, Tensor};
+use clap::{Args, ValueEnum};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// The CLS token after the last block (and the final norm, if the model has one): (C).
+    Cls,
+    /// Mean of the patch tokens followed by fc_norm, the classifier's input: (C).
+    Mean,
+    /// All patch tokens after the last block: (N−1, C).
+    Patch,
+    /// Raw tokens (CLS first) after each block given by --layers: (layers, N, C).
+    Intermediate,
+}
+
+#[derive(Args, Debug)]
+pub struct FeaturesArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
+    #[arg(long, value_enum, default_value_t = Kind::Mean)]
+    pub kind: Kind,
+    /// Block indices for --kind intermediate (0-based; negative counts from the end).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub layers: Vec<i64>,
+    /// Output file: .safetensors or .npy.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Image files, folders or globs.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// Features of one batch, one tensor per image.
+fn extract(model: &Beit, x: &Tensor, kind: Kind, layers: &[i64]) -> Result<Vec<Tensor>> {
+    let per_batch = match kind {
+        Kind::Cls => model.forward_features(x)?.i((.., 0))?,
+        Kind::Mean => model.forward_head(&model.forward_features(x)?, true)?,
+        Kind::Patch => {
+            let t = model.forward_features(x)?;
+            let n = t.dim(1)?;
+            t.i((.., 1..n))?
+        }
+        Kind::Intermediate => {
+            let inter = model.forward_intermediates(x, layers)?;
+            let ts: Vec<Tensor> = inter.into_iter().map(|i| i.tokens).collect();
+            Tensor::stack(&ts, 1)?
+        }
+    };
+    let b = per_batch.dim(0)?;
+    (0..b)
+        .map(|i| Ok(per_batch.i(i)?.contiguous()?))
+        .collect()
+}
+
+/// A NumPy `.npy` v1.0 file of little-endian f32.
+fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_str = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    // Magic (6) + version (2) + header length (2) + header, padded to 64 bytes with '\n' last.
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn write_output(path: &Path, names: &[String], feats: &[Tensor]) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "safetensors" => {
+            let map: HashMap<String, Tensor> =
+                names.iter().cloned().zip(feats.iter().cloned()).collect();
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let bytes = safetensors::serialize(keys.into_iter().map(|k| (k.as_str(), &map[k])), None)
+                .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+            crate::util::write_atomic(path, &bytes)
+        }
+        "npy" => {
+            let stacked = Tensor::stack(feats, 0)?;
+            let data = stacked.flatten_all()?.to_vec1::<f32>()?;
+            crate::util::write_atomic(path, &npy_bytes(stacked.dims(), &data))?;
+            let list = path.with_extension("paths.txt");
+            crate::util::write_atomic(&list, (names.join("\n") + "\n").as_bytes())
+                .with_context(|| format!("writing the path list {}", list.display()))
+        }
+        _ => bail!(
+            "{}: output must end in .safetensors or .npy",
+            path.display()
+        ),
+    }
+}
+
+pub fn run(args: FeaturesArgs) -> Result<()> {
+    if args.kind == Kind::Intermediate && args.layers.is_empty() {
+        bail!("--kind intermediate needs --layers, e.g. --layers 3,7,11");
+    }
+    let paths = inputs::expand_paths(&args.paths)?;
+    let model = args.model.load()?;
+    let transform = args.pre.transform(&model.cfg)?;
+    let pb = progress(paths.len(), "embedding");
+    let mut names = Vec::new();
+    let mut feats = Vec::new();
+    let mut failures = Vec::new();
+    for chunk in paths.chunks(args.pre.batch_size) {
+        let mut items = Vec::new();
+        for (p, r) in chunk.iter().zip(load_batch(chunk, &transform)) {
+            match r {
+                Ok(v) => {
+                    names.push(p.display().to_string());
+                    items.push(v);
+                }
+                Err(e) => {
+                    pb.suspend(|| tracing::error!("{e:#}"));
+                    failures.push((p.clone(), e));
+                }
+            }
+        }
+        if !items.is_empty() {
+            let x = stack_batch(items, &model.cfg)?;
+            feats.extend(extract(&model, &x, args.kind, &args.layers)?);
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    if !feats.is_empty() {
+        write_output(&args.output, &names, &feats)?;
+        eprintln!(
+            "wrote {} features of shape {:?} to {}",
+            feats.len(),
+            feats[0].dims(),
+            args.output.display()
+        );
+    }
+    finish_batch(&failures, paths.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_aligned_and_parsable() {
+        let b = npy_bytes(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+        let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+        assert_eq!((10 + hlen) % 64, 0);
+        let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+        assert!(header.contains("'shape': (2, 3)") && header.ends_with('\n'));
+        assert_eq!(b.len(), 10 + hlen + 24);
+        assert_eq!(&b[10 + hlen..10 + hlen + 4], &1.0f32.to_le_bytes());
+        let one = npy_bytes(&[4], &[0.0; 4]);
+        assert!(std::str::from_utf8(&one[10..74]).unwrap().contains("(4,)"));
+    }
+}

@@ -1,0 +1,208 @@
+//! The `beitv2` command line.
+
+mod bench;
+mod classify;
+mod convert;
+mod features;
+mod info;
+mod inputs;
+
+use crate::checkpoint::{self, LoadOptions};
+use crate::data::EvalTransform;
+use crate::model::{Beit, BeitConfig, RelPosInterp};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "beitv2", version, about = "BEiT v1/v2 image models: classify, embed, convert, benchmark")]
+pub struct Cli {
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Classify images and print the top-k classes.
+    Classify(classify::ClassifyArgs),
+    /// Extract embeddings (CLS, pooled, patch tokens or intermediate layers).
+    Features(features::FeaturesArgs),
+    /// Print parameters, MACs, input size and normalisation of an architecture.
+    Info(info::InfoArgs),
+    /// Convert any supported checkpoint to canonical safetensors.
+    Convert(convert::ConvertArgs),
+    /// Measure inference throughput and peak memory with random weights.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the weights come from and which architecture they are.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint file: timm .safetensors/.pth/.bin, mmpretrain .pth, unilm .pth.
+    #[arg(long, value_name = "FILE", conflicts_with = "model")]
+    pub weights: Option<PathBuf>,
+    /// Hugging Face hub id, e.g. timm/beitv2_base_patch16_224.in1k_ft_in22k_in1k.
+    #[arg(long, value_name = "HUB_ID")]
+    pub model: Option<String>,
+    /// Architecture preset (see `beitv2 info --list`); inferred when omitted.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Custom model configuration (JSON or TOML), instead of --arch.
+    #[arg(long, value_name = "FILE", conflicts_with = "arch")]
+    pub config: Option<PathBuf>,
+    /// Run at another input size, e.g. 384 or 384x512 (relative-position tables are resized).
+    #[arg(long, value_parser = parse_size)]
+    pub img_size: Option<[usize; 2]>,
+    /// How relative-position tables are resized for another input size.
+    #[arg(long, value_enum, default_value_t = RelPosInterp::Cubic)]
+    pub rel_pos_interp: RelPosInterp,
+}
+
+fn parse_size(s: &str) -> Result<[usize; 2], String> {
+    let parse = |v: &str| v.trim().parse::<usize>().map_err(|e| format!("'{v}': {e}"));
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([parse(h)?, parse(w)?]),
+        None => {
+            let v = parse(s)?;
+            Ok([v, v])
+        }
+    }
+}
+
+impl ModelArgs {
+    /// Resolves the weights file and loads the model.
+    pub fn load(&self) -> Result<Beit> {
+        let (cfg, weights) = self.load_weights()?;
+        checkpoint::build_model(&cfg, weights)
+    }
+
+    /// Resolves the weights file, picks the config and fits the weights to it.
+    pub fn load_weights(
+        &self,
+    ) -> Result<(BeitConfig, std::collections::HashMap<String, candle_core::Tensor>)> {
+        let (path, hub_arch) = match (&self.weights, &self.model) {
+            (Some(p), _) => (p.clone(), None),
+            (None, Some(id)) => (
+                crate::hub::resolve(id)?,
+                crate::hub::arch_from_model_id(id).map(str::to_string),
+            ),
+            (None, None) => bail!(
+                "no weights given: pass --weights FILE (a timm, mmpretrain or unilm checkpoint) \
+                 or --model HUB_ID (e.g. --model timm/beitv2_base_patch16_224.in1k_ft_in22k_in1k)"
+            ),
+        };
+        let config = self
+            .config
+            .as_deref()
+            .map(BeitConfig::from_file)
+            .transpose()?;
+        let arch = self.arch.clone().or(hub_arch);
+        let opts = LoadOptions {
+            arch,
+            config,
+            img_size: self.img_size,
+            interp: self.rel_pos_interp,
+        };
+        let t = std::time::Instant::now();
+        let (cfg, weights) = checkpoint::load_weights(&path, &opts)?;
+        tracing::info!(
+            "loaded {} in {:.2}s ({} blocks, {} classes, input {}x{})",
+            path.display(),
+            t.elapsed().as_secs_f64(),
+            cfg.depth,
+            cfg.num_classes,
+            cfg.img_size[0],
+            cfg.img_size[1]
+        );
+        Ok((cfg, weights))
+    }
+}
+
+/// Preprocessing options shared by the commands that read images.
+#[derive(Args, Debug, Clone)]
+pub struct PreprocessArgs {
+    /// Crop ratio: short side resized to floor(size / crop_pct) before the
+    /// centre crop. Default: the model's (0.875 = mmpretrain/unilm; timm uses 0.9).
+    #[arg(long)]
+    pub crop_pct: Option<f64>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+impl PreprocessArgs {
+    pub fn transform(&self, cfg: &BeitConfig) -> Result<EvalTransform> {
+        let crop_pct = self.crop_pct.unwrap_or(cfg.crop_pct);
+        if !(crop_pct > 0.0 && crop_pct <= 1.0) {
+            bail!("--crop-pct {crop_pct} must be in (0, 1]");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let [h, w] = cfg.img_size;
+        Ok(EvalTransform::from_crop_pct((h, w), crop_pct, cfg.mean, cfg.std))
+    }
+}
+
+/// Runs the command line; the process exit code is non-zero on error.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Classify(a) => classify::run(a),
+        Command::Features(a) => features::run(a),
+        Command::Info(a) => info::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Sets up logging to stderr.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("beitv2={default}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Reports per-item failures of a batch job and turns them into an error.
+pub fn finish_batch(failures: &[(PathBuf, anyhow::Error)], total: usize) -> Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    eprintln!("{} of {total} images failed:", failures.len());
+    for (p, e) in failures {
+        eprintln!("  {}: {e:#}", p.display());
+    }
+    bail!("{} of {total} images could not be processed", failures.len())
+}
+
+/// Stacks per-image CHW data into a (B, 3, H, W) tensor.
+pub fn stack_batch(items: Vec<Vec<f32>>, cfg: &BeitConfig) -> Result<candle_core::Tensor> {
+    let [h, w] = cfg.img_size;
+    let b = items.len();
+    let data: Vec<f32> = items.into_iter().flatten().collect();
+    candle_core::Tensor::from_vec(data, (b, cfg.in_chans, h, w), &candle_core::Device::Cpu)
+        .context("assembling the batch")
+}

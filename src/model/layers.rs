@@ -1,0 +1,109 @@
+//! Building blocks with PyTorch semantics (spec M). Each op takes candle's fused
+//! kernel when no gradient is being tracked and the differentiable composite
+//! otherwise, so one model definition serves inference and training.
+
+use candle_core::{D, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x·Wᵀ + b` over the last axis, computed as one 2-D GEMM over all leading
+/// axes (no per-batch broadcast of the weight).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// `x·Wᵀ + b` with `W` of shape (out, in), for any number of leading axes.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let (lead, in_dim) = dims.split_at(dims.len() - 1);
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_dim[0]))?;
+    let mut y = x2.matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out_shape = lead.to_vec();
+    out_shape.push(weight.dim(0)?);
+    y.reshape(out_shape)
+}
+
+fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// LayerNorm over the last axis (biased variance, `eps` inside the root).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !tracked(&[x, &self.weight, &self.bias]) {
+            let x = x.contiguous()?;
+            return candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dim = x.dim(D::Minus1)? as f64;
+        let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / dim)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last axis.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if tracked(&[x]) {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// fc1 → exact (erf) GELU → fc2.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(dim, hidden, true, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, true, vb.pp("fc2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
