@@ -237,3 +237,28 @@ fn converted_safetensors_carry_their_config() {
     assert!(d <= TOL, "{d}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn real_photos_end_to_end_match_torchvision_and_timm() {
+    // Our decode + Pillow-exact resize + crop + normalise feeding our model,
+    // against torchvision's eval transform feeding timm (tiny 224-px model).
+    let dir = fixtures().join("photos");
+    let io = load_st(&dir.join("io.safetensors"));
+    let cfg = config("photos");
+    let model = load_model(&dir.join("timm.safetensors"), &opts(cfg.clone())).unwrap();
+    let photos: Vec<PathBuf> = ["astronaut", "chelsea", "coffee", "rocket"]
+        .iter()
+        .map(|n| Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("assets/photos/{n}.png")))
+        .collect();
+    for (crop_pct, key) in [(0.875, "logits_0875"), (0.9, "logits_09")] {
+        let t = beitv2::data::EvalTransform::from_crop_pct((224, 224), crop_pct, cfg.mean, cfg.std);
+        let data: Vec<f32> = beitv2::data::load_batch(&photos, &t)
+            .into_iter()
+            .flat_map(|r| r.unwrap())
+            .collect();
+        let x = Tensor::from_vec(data, (4, 3, 224, 224), &Device::Cpu).unwrap();
+        let d = max_abs_diff(&model.forward(&x).unwrap(), &io[key]);
+        eprintln!("photos crop_pct {crop_pct}: logits max abs diff {d:.2e}");
+        assert!(d <= TOL, "{key}: {d}");
+    }
+}

@@ -238,6 +238,16 @@ fn plain_state_dict_is_its_own_state_dict() {
 }
 
 #[test]
+fn pickle_protocol_4() {
+    let v = read("protocol4.pth");
+    assert_eq!(
+        v.get("step").and_then(Value::as_int),
+        Some(1_000_000_000_000)
+    );
+    assert_eq!(find_state_dict(&v).0, Some("model"));
+}
+
+#[test]
 fn bare_parameter() {
     let v = read("parameter.pth");
     assert_eq!(v.as_tensor().unwrap().dims(), &[2, 3]);
@@ -261,6 +271,11 @@ fn refuses_code() {
         "{e}"
     );
     assert!(e.contains("module.pth"), "{e}");
+    let e = read_err("torchscript.pt");
+    assert!(
+        e.contains("torchscript.pt") && e.contains("TorchScript"),
+        "{e}"
+    );
 }
 
 #[test]

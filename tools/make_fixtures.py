@@ -9,6 +9,8 @@ Writes ``tests/fixtures/models/`` (relative to the repository root):
 * ``<case>/mmpretrain.pth``     ``{'state_dict': ..., 'meta': ...}`` with MMPretrain names
 * ``<case>/unilm.pth``          ``{'model': ..., 'args': Namespace, 'epoch': 99}`` (microsoft/unilm)
 * ``<case>/io.safetensors``     input batch and reference outputs (logits, pre_logits, features, block.i)
+* ``photos/``                   end-to-end case: 224x224 model, logits for ``assets/photos/*.png`` after
+                                torchvision eval preprocessing at crop_pct 0.875 and 0.9 (no inputs stored)
 * ``resize/``                   relative-position-bias resize references (timm linear, unilm/mmpretrain cubic)
 * ``rel_index.safetensors``     timm ``gen_relative_position_index`` for 14x14 and 4x6 windows
 * ``README.md``                 versions used and how to regenerate
@@ -36,14 +38,21 @@ import numpy as np
 import scipy
 import safetensors
 import safetensors.torch
+import PIL
 import torch
 import timm
+import torchvision
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 from scipy.interpolate import RectBivariateSpline
 from timm.layers import resize_rel_pos_bias_table
 from timm.models.beit import Beit, checkpoint_filter_fn, gen_relative_position_index
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / 'tests' / 'fixtures' / 'models'
+PHOTOS_DIR = REPO_ROOT / 'assets' / 'photos'
 BATCH = 2
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +82,16 @@ RESIZE_IMG = [48, 48]       # v2_avg weights evaluated on a 6x6 grid
 RESIZE_SEED = 2001
 TABLE_27_47_SEED = 2002
 INPUT_SEED_OFFSET = 500000  # input batch generator seed = case seed + offset
+
+# End-to-end case: a v2-style model at ImageNet resolution run on the bundled photos (sorted by file name)
+# after torchvision's eval preprocessing. Only the logits are stored (the inputs would be 2.4 MB).
+PHOTOS = dict(
+    seed=1004,
+    config=dict(BASE, img_size=[224, 224], patch_size=16,
+                mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.875),
+    # output key -> Resize() size (shorter side); crop 224. 256 = 224 / 0.875, 248 = floor(224 / 0.9) (timm)
+    resize={'logits_0875': 256, 'logits_09': 248},
+)
 
 
 def build_timm(cfg):
@@ -561,6 +580,79 @@ def verify_case(case_dir, cfg, ref):
         assert torch.equal(m(x), ref['logits']), 'shared -> per-block logits differ'
 
 
+def photo_paths():
+    paths = sorted(PHOTOS_DIR.glob('*.png'), key=lambda p: p.name)
+    assert [p.stem for p in paths] == ['astronaut', 'chelsea', 'coffee', 'rocket'], paths
+    return paths
+
+
+def photo_batch(paths, resize, crop):
+    """torchvision eval preprocessing (PIL path): Resize(shorter side, bicubic) -> CenterCrop -> ToTensor -> Normalize."""
+    tf = transforms.Compose([
+        transforms.Resize(resize, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+    xs = []
+    for p in paths:
+        with Image.open(p) as im:
+            xs.append(tf(im.convert('RGB')))
+    return torch.stack(xs)
+
+
+def write_photos(out_dir, verify):
+    """``photos/``: config.json, timm.safetensors and io.safetensors with ``logits_0875``/``logits_09`` (4, K)."""
+    cfg = PHOTOS['config']
+    assert tuple(cfg['mean']) == IMAGENET_DEFAULT_MEAN and tuple(cfg['std']) == IMAGENET_DEFAULT_STD
+    assert cfg['img_size'][0] == cfg['img_size'][1]
+    crop = cfg['img_size'][0]
+    assert PHOTOS['resize']['logits_0875'] == int(crop / cfg['crop_pct'])
+    assert PHOTOS['resize']['logits_09'] == math.floor(crop / 0.9)
+    case_dir = out_dir / 'photos'
+    case_dir.mkdir(parents=True, exist_ok=True)
+    model = build_timm(cfg)
+    randomize_(model, PHOTOS['seed'])
+    paths = photo_paths()
+    inputs = OrderedDict((k, photo_batch(paths, size, crop)) for k, size in PHOTOS['resize'].items())
+    with torch.no_grad():
+        ref = OrderedDict((k, model(x)) for k, x in inputs.items())
+    if verify:
+        check_sensitivity(model, inputs['logits_0875'])
+
+    sd = contiguous_sd(model.state_dict())
+    write_json(cfg, case_dir / 'config.json')
+    save_safetensors(sd, case_dir / 'timm.safetensors', metadata={'format': 'pt'})
+    save_safetensors(ref, case_dir / 'io.safetensors')
+
+    if verify:
+        from timm.data import create_transform, resolve_data_config
+        # timm's own eval transform for crop_pct 0.875 / 0.9 builds the same pipeline (same tensors)
+        for k, pct in (('logits_0875', 0.875), ('logits_09', 0.9)):
+            tf = create_transform(input_size=(3, crop, crop), crop_pct=pct, interpolation='bicubic',
+                                  mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, is_training=False)
+            xs = []
+            for p in paths:
+                with Image.open(p) as im:
+                    xs.append(tf(im.convert('RGB')))
+            assert torch.equal(torch.stack(xs), inputs[k]), f'timm transform differs for {k}'
+        m = build_timm(cfg)
+        m.load_state_dict(safetensors.torch.load_file(str(case_dir / 'timm.safetensors')))
+        io_back = safetensors.torch.load_file(str(case_dir / 'io.safetensors'))
+        assert list(io_back) == sorted(ref) and set(io_back) == set(ref)
+        with torch.no_grad():
+            for k, x in inputs.items():
+                assert io_back[k].shape == (len(paths), cfg['num_classes'])
+                assert torch.equal(m(x), ref[k]) and torch.equal(io_back[k], ref[k]), k
+        for k, v in ref.items():
+            # the four photos give clearly different predictions, and the two crops differ measurably
+            spread = (v - v.mean(0, keepdim=True)).abs().max().item()
+            assert spread > 0.1, f'{k}: logits barely depend on the photo ({spread})'
+        d = (ref['logits_0875'] - ref['logits_09']).abs().max().item()
+        assert d > 1e-3, f'crop_pct 0.875 and 0.9 logits too close ({d})'
+    return model, ref
+
+
 def write_resize(out_dir, v2_model, v2_sd, v2_cfg, verify):
     """Reference for evaluating the v2_avg weights at 48x48 (4x4 -> 6x6 grid, 52 -> 124 table rows)."""
     rdir = out_dir / 'resize'
@@ -636,7 +728,7 @@ def write_rel_index(out_dir):
 
 def versions():
     return OrderedDict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                       scipy=scipy.__version__, numpy=np.__version__, safetensors=safetensors.__version__)
+                       torchvision=torchvision.__version__, pillow=PIL.__version__, scipy=scipy.__version__, numpy=np.__version__, safetensors=safetensors.__version__)
 
 
 README_TEMPLATE = """# Reference fixtures (generated — do not edit by hand)
@@ -690,6 +782,21 @@ Weight layouts (all hold the same float32 weights):
 after `fc_norm`), `features` (B,N,C) = `forward_features` (after the final `norm` for token
 pooling, identity for avg pooling), `block.i` (B,N,C) = raw output tokens of block i.
 
+## photos/
+
+End-to-end reference: a v2-style model at 224x224 (patch 16, 14x14 grid), randomised like the
+other cases (seed {photos_seed}), run on the four bundled photos `assets/photos/*.png` in sorted file
+name order (astronaut, chelsea, coffee, rocket). `config.json` adds `mean`, `std` (ImageNet
+defaults) and `crop_pct` 0.875 to the usual keys. Each photo is preprocessed exactly as
+torchvision does at eval time: `Image.open(p).convert('RGB')` ->
+`transforms.Resize(S, interpolation=BICUBIC)` (PIL path, shorter side to S) -> `CenterCrop(224)` ->
+`ToTensor()` -> `Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)`; this is also what timm's
+`create_transform(..., crop_pct, interpolation='bicubic')` builds (checked). The input tensors
+are not stored (size).
+
+* `io.safetensors`: `logits_0875` (4,K) with S = 256 (crop_pct 0.875), `logits_09` (4,K) with
+  S = 248 (crop_pct 0.9, timm's `floor(224 / 0.9)`).
+
 ## resize/
 
 The `v2_avg` weights (`source.txt`) evaluated at 48x48 (grid 4x4 -> 6x6, tables 52 -> 124 rows):
@@ -728,7 +835,13 @@ def write_readme(out_dir):
         files = ['config.json'] + [('unilm.pth' if l == 'unilm_pretrain.pth' else l) for l in spec['layouts']]
         files.append('io.safetensors')
         rows.append(f"| `{name}` | {desc} | {', '.join('`%s`' % f for f in files)} |")
-    (out_dir / 'README.md').write_text(README_TEMPLATE.format(versions=vs, cases='\n'.join(rows)))
+    c = PHOTOS['config']
+    rows.append(f"| `photos` | img {c['img_size'][0]}x{c['img_size'][1]}, patch {c['patch_size']}, C {c['embed_dim']}, "
+                f"depth {c['depth']}, heads {c['num_heads']}, K {c['num_classes']}, abs pos off, RPB per_block, "
+                f"layer scale on, pool avg; photo logits at crop_pct 0.875 / 0.9 (see below) | "
+                f"`config.json`, `timm.safetensors`, `io.safetensors` |")
+    (out_dir / 'README.md').write_text(README_TEMPLATE.format(versions=vs, cases='\n'.join(rows),
+                                                              photos_seed=PHOTOS['seed']))
 
 
 def main():
@@ -754,6 +867,8 @@ def main():
     lin, cub, _ = write_resize(out_dir, *built['v2_avg'], verify=verify)
     print(f'resize     max|linear-cubic| logits = {(lin - cub).abs().max().item():.4g}')
     write_rel_index(out_dir)
+    _, photo_ref = write_photos(out_dir, verify)
+    print(f'photos     logits_0875[0]={photo_ref["logits_0875"][0, :4].tolist()}')
     write_readme(out_dir)
     total = sum(p.stat().st_size for p in out_dir.rglob('*') if p.is_file())
     print(f'wrote {out_dir} ({total / 1024:.1f} KiB){" (verified)" if verify else ""}')

@@ -12,8 +12,10 @@ Files written:
                      every dtype, a 0-d tensor, an empty tensor, a transposed
                      view and slices sharing storage with other entries.
   nested.pth         {'model': ..., 'epoch': 3, 'args': argparse.Namespace, ...}
-                     with numpy scalars, a big int, bytes and a tuple.
+                     with numpy scalars, a big int, bytes, a tuple and a
+                     parameter carrying a Python attribute.
   mmengine.pth       {'state_dict': ..., 'meta': {...}}.
+  protocol4.pth      {'model': ..., 'step': 10**12} with pickle_protocol=4.
   parameter.pth      a bare nn.Parameter.
   big_endian.pth     state dict rewritten as a big-endian machine saves it.
   renamed.pth        nested.pth with its top folder renamed to 'archive' and
@@ -21,6 +23,7 @@ Files written:
   legacy.pth         _use_new_zipfile_serialization=False (must be refused).
   malicious.pth      a torch-style zip whose data.pkl calls os.system.
   module.pth         a pickled nn.Linear (code, not data: must be refused).
+  torchscript.pt     a torch.jit.save archive (must be refused).
   truncated.pth      the first half of state_dict.pth.
   expected.safetensors  every tensor above, contiguous, keyed
                      '<file stem>/<dotted name>'.
@@ -31,6 +34,7 @@ import collections
 import io
 import os
 import pickle
+import subprocess
 import sys
 import zipfile
 
@@ -77,6 +81,31 @@ def state_dict():
 def small_state_dict():
     torch.manual_seed(2)
     return torch.nn.Linear(3, 2).state_dict()
+
+
+def tagged_parameter():
+    """A parameter with a Python attribute: pickled through
+    torch._utils._rebuild_parameter_with_state."""
+    torch.manual_seed(6)
+    p = torch.nn.Parameter(torch.randn(2), requires_grad=False)
+    p.tag = "frozen"
+    return p
+
+
+def save_torchscript(pt):
+    """A scripted nn.Linear. Scripting orders class attributes by string hash
+    and stamps a random serialization id, so it runs in a child process with
+    a fixed hash seed and the id is then zeroed."""
+    code = (
+        "import sys, warnings, torch; warnings.simplefilter('ignore'); torch.manual_seed(7); "
+        "torch.jit.script(torch.nn.Linear(2, 2)).save(sys.argv[1])"
+    )
+    tmp = pt + ".tmp"
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    subprocess.run([sys.executable, "-c", code, tmp], env=env, check=True)
+    zero_id = lambda rest, data: b"0" * len(data) if rest == ".data/serialization_id" else data
+    rewrite_zip(tmp, pt, rename="torchscript", transform=zero_id)
+    os.remove(tmp)
 
 
 def rewrite_zip(src, dst, rename=None, compress=zipfile.ZIP_STORED, transform=None):
@@ -193,9 +222,11 @@ def main():
         "big": 2**70,
         "bytes": b"ab\x00\xff",
         "tuple": (1, "a", 2.5),
+        "tagged_param": tagged_parameter(),
     }
     torch.save(nested, path("nested.pth"))
     record("nested", {f"model.{k}": v for k, v in model.items()})
+    record("nested", {"tagged_param": nested["tagged_param"]})
 
     # mmengine / mmpretrain style.
     mm = {
@@ -204,6 +235,10 @@ def main():
     }
     torch.save(mm, path("mmengine.pth"))
     record("mmengine", {f"state_dict.{k}": v for k, v in model.items()})
+
+    # Pickle protocol 4 (FRAME, MEMOIZE, STACK_GLOBAL, SHORT_BINUNICODE).
+    torch.save({"model": model, "step": 10**12}, path("protocol4.pth"), pickle_protocol=4)
+    record("protocol4", {f"model.{k}": v for k, v in model.items()})
 
     # A bare parameter.
     torch.manual_seed(3)
@@ -234,6 +269,7 @@ def main():
     rewrite_zip(path("nested.pth"), path("renamed.pth"), rename="archive",
                 compress=zipfile.ZIP_DEFLATED)
     record("renamed", {f"model.{k}": v for k, v in model.items()})
+    record("renamed", {"tagged_param": nested["tagged_param"]})
 
     # Refusals.
     torch.save(model, path("legacy.pth"), _use_new_zipfile_serialization=False)
@@ -245,6 +281,7 @@ def main():
             z.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE), data)
     torch.manual_seed(5)
     torch.save(torch.nn.Linear(2, 2), path("module.pth"))
+    save_torchscript(path("torchscript.pt"))
     with open(path("state_dict.pth"), "rb") as f:
         data = f.read()
     with open(path("truncated.pth"), "wb") as f:

@@ -107,16 +107,6 @@ pub enum TorchDtype {
 }
 
 impl TorchDtype {
-    /// Bytes per element in a storage record.
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            Self::F64 | Self::I64 => 8,
-            Self::F32 | Self::I32 | Self::U32 => 4,
-            Self::F16 | Self::BF16 | Self::I16 | Self::U16 => 2,
-            Self::I8 | Self::U8 | Self::Bool => 1,
-        }
-    }
-
     /// torch's name for the dtype, e.g. `float32`.
     pub fn name(self) -> &'static str {
         match self {
@@ -503,42 +493,6 @@ impl<T> Value<T> {
         })
     }
 
-    /// Every tensor in the tree, in order.
-    pub fn tensors(&self) -> Vec<&T> {
-        let mut out = Vec::new();
-        self.collect_tensors(&mut out);
-        out
-    }
-
-    fn collect_tensors<'a>(&'a self, out: &mut Vec<&'a T>) {
-        match self {
-            Self::Tensor(t) => out.push(t),
-            Self::Tuple(items) | Self::List(items) => {
-                items.iter().for_each(|v| v.collect_tensors(out))
-            }
-            Self::Dict(items) => items.iter().for_each(|(k, v)| {
-                k.collect_tensors(out);
-                v.collect_tensors(out);
-            }),
-            Self::Namespace(attrs) => attrs.iter().for_each(|(_, v)| v.collect_tensors(out)),
-            Self::Object { args, state, .. } => {
-                args.iter().for_each(|v| v.collect_tensors(out));
-                if let Some(s) = state {
-                    s.collect_tensors(out);
-                }
-            }
-            Self::None
-            | Self::Bool(_)
-            | Self::Int(_)
-            | Self::BigInt(_)
-            | Self::Float(_)
-            | Self::Str(_)
-            | Self::Bytes(_)
-            | Self::Storage(_)
-            | Self::Global(_) => {}
-        }
-    }
-
     /// Size of the tree in nodes plus string and byte lengths: what cloning
     /// it costs.
     fn weight(&self) -> usize {
@@ -697,12 +651,11 @@ impl<'a> Machine<'a> {
         self.push(Item::leaf(value))
     }
 
-    /// Pushes a container built from `children`.
-    fn push_container(&mut self, value: Value, children: &[Item]) -> Result<(), PickleError> {
-        let depth = 1 + children.iter().map(|c| c.depth).max().unwrap_or(0);
+    /// Pushes an empty container, to be filled by later opcodes.
+    fn push_empty(&mut self, value: Value) -> Result<(), PickleError> {
         self.push(Item {
             value,
-            depth,
+            depth: 1,
             memo_ids: Vec::new(),
         })
     }
@@ -758,6 +711,9 @@ impl<'a> Machine<'a> {
 
     /// Removes the items from stack position `start` up.
     fn split_off(&mut self, start: usize) -> Result<Vec<Item>, PickleError> {
+        if start > self.stack.len() {
+            return Err(self.malformed("stack underflow"));
+        }
         let items = self.stack.split_off(start);
         for (k, item) in items.iter().enumerate() {
             self.release(item, start + k)?;
@@ -917,9 +873,9 @@ impl<'a> Machine<'a> {
                     self.push_bytes(n)?;
                 }
                 // EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE
-                b'}' => self.push_container(Value::Dict(Vec::new()), &[])?,
-                b']' => self.push_container(Value::List(Vec::new()), &[])?,
-                b')' => self.push_container(Value::Tuple(Vec::new()), &[])?,
+                b'}' => self.push_empty(Value::Dict(Vec::new()))?,
+                b']' => self.push_empty(Value::List(Vec::new()))?,
+                b')' => self.push_empty(Value::Tuple(Vec::new()))?,
                 // TUPLE, TUPLE1, TUPLE2, TUPLE3
                 b't' => {
                     let items = self.pop_mark()?;
@@ -1075,7 +1031,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Item>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("SETITEMS with an odd number of items"));
         }
         let depth = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
@@ -1112,11 +1068,12 @@ impl<'a> Machine<'a> {
     fn reduce(&self, global: Global, args: Vec<Value>) -> Result<Value, PickleError> {
         match global {
             Global::OrderedDict => self.ordered_dict(args),
-            Global::RebuildTensor
-            | Global::RebuildTensorV2
-            | Global::RebuildTensorV3
-            | Global::RebuildParameter
-            | Global::RebuildParameterWithState => self.rebuild_tensor(global, args),
+            Global::RebuildTensor | Global::RebuildTensorV2 | Global::RebuildTensorV3 => {
+                self.rebuild_tensor(global, args)
+            }
+            Global::RebuildParameter | Global::RebuildParameterWithState => {
+                self.rebuild_parameter(global, args)
+            }
             Global::CodecsEncode => self.codecs_encode(args),
             Global::NumpyScalar => Ok(numpy_scalar(&args).unwrap_or(Value::Object {
                 class: global,
@@ -1160,19 +1117,37 @@ impl<'a> Machine<'a> {
         Ok(Value::Dict(dict))
     }
 
+    /// `_rebuild_parameter(tensor, requires_grad, hooks)` and
+    /// `_rebuild_parameter_with_state(tensor, requires_grad, hooks, state)`.
+    /// The parameter's hooks and Python attributes (`state`) are not data.
+    fn rebuild_parameter(&self, global: Global, args: Vec<Value>) -> Result<Value, PickleError> {
+        let arity = if global == Global::RebuildParameter {
+            3
+        } else {
+            4
+        };
+        let mut args = args.into_iter();
+        match (args.len() == arity, args.next(), args.next()) {
+            (true, Some(Value::Tensor(mut t)), Some(Value::Bool(requires_grad))) => {
+                t.requires_grad = requires_grad;
+                Ok(Value::Tensor(t))
+            }
+            _ => Err(self.malformed(format!(
+                "{global}: expected {arity} arguments (tensor, requires_grad, hooks, ...)"
+            ))),
+        }
+    }
+
     /// The tensor rebuilders:
     /// `_rebuild_tensor(storage, offset, size, stride)`,
     /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`,
-    /// `_rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype[, metadata])`,
-    /// `_rebuild_parameter(tensor, requires_grad, hooks[, state])`.
+    /// `_rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype[, metadata])`.
     fn rebuild_tensor(&self, global: Global, args: Vec<Value>) -> Result<Value, PickleError> {
         let bad = |what: &str| self.malformed(format!("{global}: {what}"));
         let (min, max) = match global {
-            Global::RebuildTensor => (4, 4),
             Global::RebuildTensorV2 => (6, 7),
             Global::RebuildTensorV3 => (7, 8),
-            Global::RebuildParameter => (3, 3),
-            _ => (4, 4), // _rebuild_parameter_with_state
+            _ => (4, 4), // _rebuild_tensor
         };
         if args.len() < min || args.len() > max {
             return Err(bad(&format!(
@@ -1182,21 +1157,6 @@ impl<'a> Machine<'a> {
         }
         let mut args = args.into_iter();
         let mut next = || args.next().unwrap_or(Value::None);
-
-        if matches!(
-            global,
-            Global::RebuildParameter | Global::RebuildParameterWithState
-        ) {
-            // The parameter's own attributes (`state`) and hooks are not data.
-            return match (next(), next()) {
-                (Value::Tensor(mut t), Value::Bool(requires_grad)) => {
-                    t.requires_grad = requires_grad;
-                    Ok(Value::Tensor(t))
-                }
-                _ => Err(bad("expected (tensor, requires_grad, hooks)")),
-            };
-        }
-
         let Value::Storage(storage) = next() else {
             return Err(bad("first argument is not a storage"));
         };
@@ -1259,7 +1219,7 @@ impl<'a> Machine<'a> {
         let no_kwargs = kwargs.is_none_or(|k| matches!(k, Value::Dict(d) if d.is_empty()));
         match (class, args) {
             (Value::Global(Global::Namespace), Value::Tuple(a)) if a.is_empty() && no_kwargs => {
-                self.push_container(Value::Namespace(Vec::new()), &[])
+                self.push_empty(Value::Namespace(Vec::new()))
             }
             (Value::Global(g), _) => Err(self.malformed(format!("cannot instantiate {g} here"))),
             _ => Err(self.malformed("NEWOBJ needs a class")),
@@ -1502,17 +1462,24 @@ mod tests {
 
     #[test]
     fn garbled_input_is_an_error_not_a_panic() {
-        // Deterministic pseudo-random single-byte corruptions of the sample.
-        let full = sample();
+        // Deterministic pseudo-random corruptions of one or two bytes.
         let mut state = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..20_000 {
+        let mut next = move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            let mut p = full.clone();
-            let at = (state as usize) % p.len();
-            p[at] = (state >> 32) as u8;
-            let _ = unpickle(&p);
+            state
+        };
+        for full in [sample(), torch_pickle()] {
+            for round in 0..10_000 {
+                let mut p = full.clone();
+                for _ in 0..1 + round % 2 {
+                    let r = next();
+                    let at = (r as usize) % p.len();
+                    p[at] = (r >> 32) as u8;
+                }
+                let _ = unpickle(&p);
+            }
         }
     }
 
@@ -1548,15 +1515,21 @@ mod tests {
         assert!(matches!(unpickle(&p), Err(PickleError::TooLarge { .. })));
     }
 
-    #[test]
-    fn torch_tensor_and_parameter() {
-        // _rebuild_parameter(_rebuild_tensor_v2(('storage', FloatStorage, '0',
-        // 'cpu', 6), 1, (2, 2), (1, 2), False, OrderedDict()), True, OrderedDict())
+    /// `_rebuild_parameter(_rebuild_tensor_v2(('storage', FloatStorage, '0',
+    /// 'cpu', 6), 1, (2, 2), (1, 2), False, OrderedDict()), True, OrderedDict())`
+    /// as torch pickles it.
+    fn torch_pickle() -> Vec<u8> {
         let mut p = b"\x80\x02ctorch._utils\n_rebuild_parameter\n".to_vec();
         p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage");
         p.extend(b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQ");
         p.extend(b"K\x01K\x02K\x02\x86K\x01K\x02\x86\x89ccollections\nOrderedDict\n)Rq\x00tR");
         p.extend(b"\x88h\x00\x87R.");
+        p
+    }
+
+    #[test]
+    fn torch_tensor_and_parameter() {
+        let p = torch_pickle();
         let v = unpickle(&p).unwrap();
         let t = v.as_tensor().unwrap();
         assert_eq!(t.dtype, TorchDtype::F32);

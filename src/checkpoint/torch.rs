@@ -311,7 +311,7 @@ impl View {
                 end.checked_add((size - 1).checked_mul(stride)?)
             })
         };
-        if numel > 0 && !last().is_some_and(|last| last < storage_len) {
+        if numel > 0 && last().is_none_or(|last| last >= storage_len) {
             bail!(
                 "tensor (offset {}, size {:?}, stride {:?}) reaches past its storage of \
                  {storage_len} {} elements",

@@ -15,13 +15,16 @@ pub struct Attention {
     pub qkv_bias: Option<Tensor>,
     /// This block's `(L, heads)` relative-position table, if it has one.
     pub rel_pos_table: Option<Tensor>,
+    /// The table gathered into its `(heads, N, N)` bias once, when the table
+    /// is a constant (inference); a trainable table is gathered every forward.
+    frozen_bias: Option<Tensor>,
     pub proj: Linear,
     num_heads: usize,
     scale: f64,
 }
 
 impl Attention {
-    pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, index: &Tensor, vb: VarBuilder) -> Result<Self> {
         let c = cfg.embed_dim;
         let qkv_weight = vb.pp("qkv").get((3 * c, c), "weight")?;
         let qkv_bias = if cfg.qkv_bias {
@@ -39,10 +42,15 @@ impl Attention {
             )?),
             RelPosBias::Shared | RelPosBias::None => None,
         };
+        let frozen_bias = match &rel_pos_table {
+            Some(t) if !t.is_variable() => Some(gather_bias(t, index, cfg.num_tokens())?),
+            _ => None,
+        };
         Ok(Self {
             qkv_weight,
             qkv_bias,
             rel_pos_table,
+            frozen_bias,
             proj: Linear::new(c, c, true, vb.pp("proj"))?,
             num_heads: cfg.num_heads,
             scale: (cfg.head_dim() as f64).powf(-0.5),
@@ -67,8 +75,12 @@ impl Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let mut logits = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?; // (B, h, N, N)
-        if let Some(table) = &self.rel_pos_table {
-            logits = logits.broadcast_add(&gather_bias(table, index, n)?)?;
+        match (&self.frozen_bias, &self.rel_pos_table) {
+            (Some(bias), _) => logits = logits.broadcast_add(bias)?,
+            (None, Some(table)) => {
+                logits = logits.broadcast_add(&gather_bias(table, index, n)?)?
+            }
+            (None, None) => {}
         }
         if let Some(bias) = shared_bias {
             logits = logits.broadcast_add(bias)?;
@@ -91,7 +103,7 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(cfg: &BeitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &BeitConfig, index: &Tensor, vb: VarBuilder) -> Result<Self> {
         let c = cfg.embed_dim;
         let (gamma_1, gamma_2) = if cfg.layer_scale {
             (Some(vb.get(c, "gamma_1")?), Some(vb.get(c, "gamma_2")?))
@@ -100,7 +112,7 @@ impl Block {
         };
         Ok(Self {
             norm1: LayerNorm::new(c, cfg.norm_eps, vb.pp("norm1"))?,
-            attn: Attention::new(cfg, vb.pp("attn"))?,
+            attn: Attention::new(cfg, index, vb.pp("attn"))?,
             norm2: LayerNorm::new(c, cfg.norm_eps, vb.pp("norm2"))?,
             mlp: Mlp::new(c, cfg.mlp_hidden(), vb.pp("mlp"))?,
             gamma_1,

@@ -80,6 +80,8 @@ pub struct Beit {
     pub head: Option<Linear>,
     /// Flat (N·N) relative-position index for this input size.
     rel_pos_index: Tensor,
+    /// The shared table gathered once when it is a constant (inference).
+    frozen_shared_bias: Option<Tensor>,
 }
 
 impl Beit {
@@ -101,8 +103,9 @@ impl Beit {
         } else {
             None
         };
+        let rel_pos_index = relative_position_index_tensor(cfg.grid(), vb.device())?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(cfg, vb.pp("blocks").pp(i)))
+            .map(|i| Block::new(cfg, &rel_pos_index, vb.pp("blocks").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let (norm, fc_norm) = match cfg.global_pool {
             GlobalPool::Avg => (
@@ -116,9 +119,14 @@ impl Beit {
         } else {
             None
         };
-        let rel_pos_index = relative_position_index_tensor(cfg.grid(), vb.device())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let frozen_shared_bias = match &shared_rel_pos_table {
+            Some(t) if !t.is_variable() => {
+                Some(gather_bias(t, &rel_pos_index, cfg.num_tokens())?)
+            }
+            _ => None,
+        };
         Ok(Self {
+            frozen_shared_bias,
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::new(cfg, vb.pp("patch_embed").pp("proj"))?,
             cls_token: vb.get((1, 1, c), "cls_token")?,
@@ -162,6 +170,9 @@ impl Beit {
     }
 
     fn shared_bias(&self) -> Result<Option<Tensor>> {
+        if let Some(b) = &self.frozen_shared_bias {
+            return Ok(Some(b.clone()));
+        }
         self.shared_rel_pos_table
             .as_ref()
             .map(|t| gather_bias(t, &self.rel_pos_index, self.cfg.num_tokens()))

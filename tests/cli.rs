@@ -1,0 +1,200 @@
+//! The `beitv2` binary end to end on the tiny fixture model: output formats,
+//! bad images skipped and reported with a non-zero exit, features files,
+//! `info`, `convert`, and hub resolution from a local cache.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny() -> (PathBuf, PathBuf) {
+    let d = root().join("tests/fixtures/models/v2_avg");
+    (d.join("timm.safetensors"), d.join("config.json"))
+}
+
+fn beitv2(args: &[&str], envs: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_beitv2"));
+    c.args(args).current_dir(root());
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().expect("run beitv2")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("beitv2-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn classify_json_skips_bad_images_and_fails_at_the_end() {
+    let (w, c) = tiny();
+    let imgs = root().join("tests/fixtures/images");
+    let out = beitv2(
+        &[
+            "classify", "--weights", w.to_str().unwrap(), "--config", c.to_str().unwrap(),
+            "--format", "json", "--top-k", "3", "--batch-size", "4",
+            "assets/photos/chelsea.png",
+            imgs.join("truncated.png").to_str().unwrap(),
+            imgs.join("not_an_image.jpg").to_str().unwrap(),
+            "assets/photos/coffee.png",
+        ],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "must exit non-zero when images fail");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    for (v, name) in lines.iter().zip(["chelsea.png", "coffee.png"]) {
+        assert!(v["path"].as_str().unwrap().ends_with(name));
+        let top = v["top_k"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
+        assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+        let idx = top[0]["class_index"].as_u64().unwrap();
+        assert_eq!(top[0]["label"], format!("class_{idx}"));
+    }
+    assert!(stderr.contains("truncated.png") && stderr.contains("not_an_image.jpg"), "{stderr}");
+    assert!(stderr.contains("2 of 4 images"), "{stderr}");
+}
+
+#[test]
+fn classify_csv_and_table() {
+    let (w, c) = tiny();
+    let args = |fmt: &'static str| {
+        vec![
+            "classify".to_string(), "--weights".into(), w.display().to_string(),
+            "--config".into(), c.display().to_string(), "--format".into(), fmt.into(),
+            "--top-k".into(), "2".into(), "assets/photos".into(),
+        ]
+    };
+    let run = |fmt| {
+        let a = args(fmt);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        beitv2(&a, &[])
+    };
+    let csv = run("csv");
+    assert!(csv.status.success(), "{}", text(&csv.stderr));
+    let csv = text(&csv.stdout);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "path,rank,class_index,label,score");
+    assert_eq!(rows.len(), 1 + 4 * 2, "{csv}");
+    let table = run("table");
+    assert!(table.status.success());
+    assert!(text(&table.stdout).contains("rocket.png"));
+}
+
+#[test]
+fn features_to_safetensors_and_npy() {
+    let (w, c) = tiny();
+    let dir = temp_dir("features");
+    let st = dir.join("f.safetensors");
+    let out = beitv2(
+        &[
+            "features", "--weights", w.to_str().unwrap(), "--config", c.to_str().unwrap(),
+            "--kind", "intermediate", "--layers", "0,-1", "-o", st.to_str().unwrap(),
+            "assets/photos/chelsea.png", "assets/photos/rocket.png",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t.len(), 2);
+    let f = &t["assets/photos/chelsea.png"];
+    assert_eq!(f.dims(), &[2, 17, 16]); // 2 layers, CLS + 4×4 patches, width 16
+    let npy = dir.join("f.npy");
+    let out = beitv2(
+        &[
+            "features", "--weights", w.to_str().unwrap(), "--config", c.to_str().unwrap(),
+            "--kind", "mean", "-o", npy.to_str().unwrap(), "assets/photos",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bytes = std::fs::read(&npy).unwrap();
+    assert!(text(&bytes[..80]).contains("'shape': (4, 16)"));
+    let paths = std::fs::read_to_string(dir.join("f.paths.txt")).unwrap();
+    assert_eq!(paths.lines().count(), 4);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn info_json_reports_published_counts() {
+    let out = beitv2(&["info", "--arch", "beitv2_base_patch16_224", "--format", "json"], &[]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["params"], 86_530_984u64);
+    assert_eq!(v["macs"], 17_581_219_584u64);
+    assert_eq!(v["input_size"], serde_json::json!([3, 224, 224]));
+}
+
+#[test]
+fn hub_ids_resolve_from_the_cache_and_explain_offline_failure() {
+    let (w, c) = tiny();
+    let home = temp_dir("hub");
+    let repo = home.join("hub/models--local--tiny-beit");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    std::fs::copy(&w, snap.join("model.safetensors")).unwrap();
+    let envs = [("HF_HOME", home.as_path())];
+    let out = beitv2(
+        &[
+            "classify", "--model", "local/tiny-beit", "--config", c.to_str().unwrap(),
+            "--format", "json", "assets/photos/chelsea.png",
+        ],
+        &envs,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_beitv2"));
+    let out = cmd
+        .args(["classify", "--model", "timm/beitv2_base_patch16_224.in1k_ft_in1k", "assets/photos"])
+        .current_dir(root())
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--weights") && err.contains("beitv2_base_patch16_224"), "{err}");
+    let out = beitv2(&["classify", "assets/photos"], &[]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--weights FILE"));
+    std::fs::remove_dir_all(home).unwrap();
+}
+
+#[test]
+fn convert_writes_a_self_describing_file() {
+    let (_, c) = tiny();
+    let dir = temp_dir("convert");
+    let out_path = dir.join("tiny.safetensors");
+    let mmp = root().join("tests/fixtures/models/v2_avg/mmpretrain.pth");
+    let out = beitv2(
+        &[
+            "convert", "--weights", mmp.to_str().unwrap(), "--config", c.to_str().unwrap(),
+            "-o", out_path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // No --config needed any more.
+    let out = beitv2(
+        &["classify", "--weights", out_path.to_str().unwrap(), "assets/photos/coffee.png"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
+}
