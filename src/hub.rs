@@ -78,10 +78,19 @@ mod tests {
         let id = "timm/beitv2_base_patch16_224.in1k_ft_in1k";
         assert_eq!(find_in_cache(&cache, id), None);
         std::fs::write(snap.join("pytorch_model.bin"), b"x").unwrap();
-        assert_eq!(find_in_cache(&cache, id), Some(snap.join("pytorch_model.bin")));
+        assert_eq!(
+            find_in_cache(&cache, id),
+            Some(snap.join("pytorch_model.bin"))
+        );
         std::fs::write(snap.join("model.safetensors"), b"x").unwrap();
-        assert_eq!(find_in_cache(&cache, id), Some(snap.join("model.safetensors")));
-        assert_eq!(arch_from_model_id(id), Some("beitv2_base_patch16_224.in1k_ft_in1k"));
+        assert_eq!(
+            find_in_cache(&cache, id),
+            Some(snap.join("model.safetensors"))
+        );
+        assert_eq!(
+            arch_from_model_id(id),
+            Some("beitv2_base_patch16_224.in1k_ft_in1k")
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -6,8 +6,8 @@
 //! command line in [`cli`].
 
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod hub;
-pub mod cli;
 pub mod model;
 pub mod util;

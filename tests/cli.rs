@@ -39,8 +39,17 @@ fn classify_json_skips_bad_images_and_fails_at_the_end() {
     let imgs = root().join("tests/fixtures/images");
     let out = beitv2(
         &[
-            "classify", "--weights", w.to_str().unwrap(), "--config", c.to_str().unwrap(),
-            "--format", "json", "--top-k", "3", "--batch-size", "4",
+            "classify",
+            "--weights",
+            w.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "--format",
+            "json",
+            "--top-k",
+            "3",
+            "--batch-size",
+            "4",
             "assets/photos/chelsea.png",
             imgs.join("truncated.png").to_str().unwrap(),
             imgs.join("not_an_image.jpg").to_str().unwrap(),
@@ -61,12 +70,18 @@ fn classify_json_skips_bad_images_and_fails_at_the_end() {
         let top = v["top_k"].as_array().unwrap();
         assert_eq!(top.len(), 3);
         let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
-        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
+        assert!(
+            scores.windows(2).all(|w| w[0] >= w[1]),
+            "best first: {scores:?}"
+        );
         assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
         let idx = top[0]["class_index"].as_u64().unwrap();
         assert_eq!(top[0]["label"], format!("class_{idx}"));
     }
-    assert!(stderr.contains("truncated.png") && stderr.contains("not_an_image.jpg"), "{stderr}");
+    assert!(
+        stderr.contains("truncated.png") && stderr.contains("not_an_image.jpg"),
+        "{stderr}"
+    );
     assert!(stderr.contains("2 of 4 images"), "{stderr}");
 }
 
@@ -75,9 +90,16 @@ fn classify_csv_and_table() {
     let (w, c) = tiny();
     let args = |fmt: &'static str| {
         vec![
-            "classify".to_string(), "--weights".into(), w.display().to_string(),
-            "--config".into(), c.display().to_string(), "--format".into(), fmt.into(),
-            "--top-k".into(), "2".into(), "assets/photos".into(),
+            "classify".to_string(),
+            "--weights".into(),
+            w.display().to_string(),
+            "--config".into(),
+            c.display().to_string(),
+            "--format".into(),
+            fmt.into(),
+            "--top-k".into(),
+            "2".into(),
+            "assets/photos".into(),
         ]
     };
     let run = |fmt| {
@@ -103,9 +125,19 @@ fn features_to_safetensors_and_npy() {
     let st = dir.join("f.safetensors");
     let out = beitv2(
         &[
-            "features", "--weights", w.to_str().unwrap(), "--config", c.to_str().unwrap(),
-            "--kind", "intermediate", "--layers", "0,-1", "-o", st.to_str().unwrap(),
-            "assets/photos/chelsea.png", "assets/photos/rocket.png",
+            "features",
+            "--weights",
+            w.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "--kind",
+            "intermediate",
+            "--layers",
+            "0,-1",
+            "-o",
+            st.to_str().unwrap(),
+            "assets/photos/chelsea.png",
+            "assets/photos/rocket.png",
         ],
         &[],
     );
@@ -117,8 +149,16 @@ fn features_to_safetensors_and_npy() {
     let npy = dir.join("f.npy");
     let out = beitv2(
         &[
-            "features", "--weights", w.to_str().unwrap(), "--config", c.to_str().unwrap(),
-            "--kind", "mean", "-o", npy.to_str().unwrap(), "assets/photos",
+            "features",
+            "--weights",
+            w.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "--kind",
+            "mean",
+            "-o",
+            npy.to_str().unwrap(),
+            "assets/photos",
         ],
         &[],
     );
@@ -132,7 +172,16 @@ fn features_to_safetensors_and_npy() {
 
 #[test]
 fn info_json_reports_published_counts() {
-    let out = beitv2(&["info", "--arch", "beitv2_base_patch16_224", "--format", "json"], &[]);
+    let out = beitv2(
+        &[
+            "info",
+            "--arch",
+            "beitv2_base_patch16_224",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["params"], 86_530_984u64);
@@ -153,15 +202,26 @@ fn hub_ids_resolve_from_the_cache_and_explain_offline_failure() {
     let envs = [("HF_HOME", home.as_path())];
     let out = beitv2(
         &[
-            "classify", "--model", "local/tiny-beit", "--config", c.to_str().unwrap(),
-            "--format", "json", "assets/photos/chelsea.png",
+            "classify",
+            "--model",
+            "local/tiny-beit",
+            "--config",
+            c.to_str().unwrap(),
+            "--format",
+            "json",
+            "assets/photos/chelsea.png",
         ],
         &envs,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_beitv2"));
     let out = cmd
-        .args(["classify", "--model", "timm/beitv2_base_patch16_224.in1k_ft_in1k", "assets/photos"])
+        .args([
+            "classify",
+            "--model",
+            "timm/beitv2_base_patch16_224.in1k_ft_in1k",
+            "assets/photos",
+        ])
         .current_dir(root())
         .env("HF_HOME", &home)
         .env("HF_HUB_OFFLINE", "1")
@@ -169,7 +229,10 @@ fn hub_ids_resolve_from_the_cache_and_explain_offline_failure() {
         .unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("--weights") && err.contains("beitv2_base_patch16_224"), "{err}");
+    assert!(
+        err.contains("--weights") && err.contains("beitv2_base_patch16_224"),
+        "{err}"
+    );
     let out = beitv2(&["classify", "assets/photos"], &[]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--weights FILE"));
@@ -184,15 +247,25 @@ fn convert_writes_a_self_describing_file() {
     let mmp = root().join("tests/fixtures/models/v2_avg/mmpretrain.pth");
     let out = beitv2(
         &[
-            "convert", "--weights", mmp.to_str().unwrap(), "--config", c.to_str().unwrap(),
-            "-o", out_path.to_str().unwrap(),
+            "convert",
+            "--weights",
+            mmp.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "-o",
+            out_path.to_str().unwrap(),
         ],
         &[],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     // No --config needed any more.
     let out = beitv2(
-        &["classify", "--weights", out_path.to_str().unwrap(), "assets/photos/coffee.png"],
+        &[
+            "classify",
+            "--weights",
+            out_path.to_str().unwrap(),
+            "assets/photos/coffee.png",
+        ],
         &[],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));

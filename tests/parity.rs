@@ -52,8 +52,8 @@ fn opts(cfg: BeitConfig) -> LoadOptions {
 fn check_outputs(case: &str, file: &str, cfg: BeitConfig) -> f32 {
     let dir = fixtures().join(case);
     let io = load_st(&dir.join("io.safetensors"));
-    let model = load_model(&dir.join(file), &opts(cfg))
-        .unwrap_or_else(|e| panic!("{case}/{file}: {e:#}"));
+    let model =
+        load_model(&dir.join(file), &opts(cfg)).unwrap_or_else(|e| panic!("{case}/{file}: {e:#}"));
     let x = &io["input"];
     let feats = model.forward_features(x).unwrap();
     let mut worst = 0f32;
@@ -63,14 +63,22 @@ fn check_outputs(case: &str, file: &str, cfg: BeitConfig) -> f32 {
         worst = worst.max(d);
     };
     check("features", &feats, &io["features"]);
-    check("pre_logits", &model.forward_head(&feats, true).unwrap(), &io["pre_logits"]);
+    check(
+        "pre_logits",
+        &model.forward_head(&feats, true).unwrap(),
+        &io["pre_logits"],
+    );
     check("logits", &model.forward(x).unwrap(), &io["logits"]);
     let depth = model.cfg.depth as i64;
     let inter = model
         .forward_intermediates(x, &(0..depth).collect::<Vec<_>>())
         .unwrap();
     for it in &inter {
-        check(&format!("block.{}", it.block), &it.tokens, &io[&format!("block.{}", it.block)]);
+        check(
+            &format!("block.{}", it.block),
+            &it.tokens,
+            &io[&format!("block.{}", it.block)],
+        );
     }
     worst
 }
@@ -78,7 +86,13 @@ fn check_outputs(case: &str, file: &str, cfg: BeitConfig) -> f32 {
 #[test]
 fn every_format_matches_timm() {
     for case in ["v2_avg", "v1_token"] {
-        for file in ["timm.safetensors", "timm.pth", "timm.bin", "mmpretrain.pth", "unilm.pth"] {
+        for file in [
+            "timm.safetensors",
+            "timm.pth",
+            "timm.bin",
+            "mmpretrain.pth",
+            "unilm.pth",
+        ] {
             let d = check_outputs(case, file, config(case));
             eprintln!("{case}/{file}: max abs diff {d:.2e}");
         }
@@ -103,7 +117,9 @@ fn shared_table_loads_as_shared_and_as_per_block() {
 fn architecture_is_inferred_from_shapes() {
     // A non-square window cannot be told from the table length alone.
     let sd = read_state_dict(&fixtures().join("v1_token/timm.safetensors")).unwrap();
-    let err = beitv2::checkpoint::infer_config(&sd).unwrap_err().to_string();
+    let err = beitv2::checkpoint::infer_config(&sd)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("80 rows") && err.contains("--config"), "{err}");
     for case in ["v2_avg", "shared"] {
         let sd = read_state_dict(&fixtures().join(case).join("timm.safetensors")).unwrap();
@@ -129,7 +145,10 @@ fn resized_tables_and_logits_match_both_references() {
     let weights = fixtures().join("v2_avg/timm.safetensors");
     let cfg = config("resize");
     assert_eq!(cfg.img_size, [48, 48]);
-    for (interp, name) in [(RelPosInterp::Linear, "linear"), (RelPosInterp::Cubic, "cubic")] {
+    for (interp, name) in [
+        (RelPosInterp::Linear, "linear"),
+        (RelPosInterp::Cubic, "cubic"),
+    ] {
         let o = LoadOptions {
             config: Some(config("v2_avg")),
             img_size: Some([48, 48]),
@@ -144,7 +163,10 @@ fn resized_tables_and_logits_match_both_references() {
             assert!(d <= 1e-5, "{name} table {i} differs by {d}");
         }
         let model = build_model(&got_cfg, w).unwrap();
-        let d = max_abs_diff(&model.forward(&io["input"]).unwrap(), &io[&format!("logits_{name}")]);
+        let d = max_abs_diff(
+            &model.forward(&io["input"]).unwrap(),
+            &io[&format!("logits_{name}")],
+        );
         eprintln!("resize {name}: logits max abs diff {d:.2e}");
         assert!(d <= TOL, "{name} logits differ by {d}");
     }
@@ -154,7 +176,10 @@ fn resized_tables_and_logits_match_both_references() {
 fn table_resize_224_to_384_matches_scipy_and_timm() {
     let t = load_st(&fixtures().join("resize/tables_27_47.safetensors"));
     let src = t["source"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (interp, name) in [(RelPosInterp::Linear, "linear"), (RelPosInterp::Cubic, "cubic")] {
+    for (interp, name) in [
+        (RelPosInterp::Linear, "linear"),
+        (RelPosInterp::Cubic, "cubic"),
+    ] {
         let got = resize_table(&src, 2, (14, 14), (24, 24), interp).unwrap();
         let got = Tensor::from_vec(got, (2212, 2), &Device::Cpu).unwrap();
         let d = max_abs_diff(&got, &t[name]);
@@ -193,14 +218,29 @@ fn mismatched_checkpoint_names_keys_and_shapes() {
     let mut wrong = config("v2_avg");
     wrong.num_classes = 11;
     wrong.layer_scale = false;
-    let err = format!("{:#}", adapt_to_config(&sd, &wrong, RelPosInterp::Cubic).unwrap_err());
+    let err = format!(
+        "{:#}",
+        adapt_to_config(&sd, &wrong, RelPosInterp::Cubic).unwrap_err()
+    );
     assert!(err.contains("timm.safetensors"), "{err}");
-    assert!(err.contains("head.weight: checkpoint (10, 16) vs model (11, 16)"), "{err}");
-    assert!(err.contains("unexpected") && err.contains("blocks.0.gamma_1"), "{err}");
+    assert!(
+        err.contains("head.weight: checkpoint (10, 16) vs model (11, 16)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected") && err.contains("blocks.0.gamma_1"),
+        "{err}"
+    );
     let mut deeper = config("v2_avg");
     deeper.depth = 3;
-    let err = format!("{:#}", adapt_to_config(&sd, &deeper, RelPosInterp::Cubic).unwrap_err());
-    assert!(err.contains("missing") && err.contains("blocks.2.attn.qkv.weight (48, 16)"), "{err}");
+    let err = format!(
+        "{:#}",
+        adapt_to_config(&sd, &deeper, RelPosInterp::Cubic).unwrap_err()
+    );
+    assert!(
+        err.contains("missing") && err.contains("blocks.2.attn.qkv.weight (48, 16)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -211,12 +251,18 @@ fn truncated_and_garbage_checkpoints_are_refused_with_the_file_name() {
         let bytes = std::fs::read(fixtures().join("v2_avg").join(src)).unwrap();
         let cut = dir.join(format!("cut-{src}"));
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-        let err = format!("{:#}", load_model(&cut, &opts(config("v2_avg"))).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load_model(&cut, &opts(config("v2_avg"))).unwrap_err()
+        );
         assert!(err.contains(&format!("cut-{src}")), "{err}");
     }
     let junk = dir.join("junk.pth");
     std::fs::write(&junk, b"definitely not a checkpoint").unwrap();
-    let err = format!("{:#}", load_model(&junk, &LoadOptions::default()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        load_model(&junk, &LoadOptions::default()).unwrap_err()
+    );
     assert!(err.contains("junk.pth"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -226,7 +272,11 @@ fn converted_safetensors_carry_their_config() {
     let dir = std::env::temp_dir().join(format!("beitv2-convert-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = config("v1_token");
-    let (c, w) = load_weights(&fixtures().join("v1_token/mmpretrain.pth"), &opts(cfg.clone())).unwrap();
+    let (c, w) = load_weights(
+        &fixtures().join("v1_token/mmpretrain.pth"),
+        &opts(cfg.clone()),
+    )
+    .unwrap();
     let out = dir.join("converted.safetensors");
     save_safetensors(&out, &w, &c).unwrap();
     // No config given: the one stored in the metadata is used.

@@ -102,13 +102,25 @@ mod tests {
     fn mmpretrain_names_map_both_ways() {
         let pairs = [
             ("backbone.cls_token", "cls_token"),
-            ("backbone.patch_embed.projection.weight", "patch_embed.proj.weight"),
+            (
+                "backbone.patch_embed.projection.weight",
+                "patch_embed.proj.weight",
+            ),
             ("backbone.layers.3.ln1.weight", "blocks.3.norm1.weight"),
             ("backbone.layers.3.ln2.bias", "blocks.3.norm2.bias"),
-            ("backbone.layers.11.attn.qkv.weight", "blocks.11.attn.qkv.weight"),
+            (
+                "backbone.layers.11.attn.qkv.weight",
+                "blocks.11.attn.qkv.weight",
+            ),
             ("backbone.layers.0.attn.q_bias", "blocks.0.attn.q_bias"),
-            ("backbone.layers.0.ffn.layers.0.0.weight", "blocks.0.mlp.fc1.weight"),
-            ("backbone.layers.0.ffn.layers.1.bias", "blocks.0.mlp.fc2.bias"),
+            (
+                "backbone.layers.0.ffn.layers.0.0.weight",
+                "blocks.0.mlp.fc1.weight",
+            ),
+            (
+                "backbone.layers.0.ffn.layers.1.bias",
+                "blocks.0.mlp.fc2.bias",
+            ),
             ("backbone.layers.2.gamma_1", "blocks.2.gamma_1"),
             ("backbone.ln2.weight", "fc_norm.weight"),
             ("backbone.ln1.bias", "norm.bias"),
@@ -122,6 +134,9 @@ mod tests {
             detect_layout(["backbone.cls_token", "head.fc.weight"]),
             Layout::MmPretrain
         );
-        assert_eq!(detect_layout(["cls_token", "blocks.0.norm1.weight"]), Layout::Timm);
+        assert_eq!(
+            detect_layout(["cls_token", "blocks.0.norm1.weight"]),
+            Layout::Timm
+        );
     }
 }

@@ -60,7 +60,10 @@ fn sniff(path: &Path) -> Result<FileKind> {
     )
 }
 
-fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, Option<BeitConfig>)> {
+/// Named tensors in file order.
+type NamedTensors = Vec<(String, Tensor)>;
+
+fn read_safetensors(path: &Path) -> Result<(NamedTensors, Option<BeitConfig>)> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
     // SAFETY: the file is only read; a concurrent writer could change the bytes
@@ -71,12 +74,13 @@ fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, Option<BeitCo
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-    let config = match meta.metadata().as_ref().and_then(|m| m.get(CONFIG_METADATA_KEY)) {
+    let config = match meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(CONFIG_METADATA_KEY))
+    {
         Some(json) => Some(serde_json::from_str(json).with_context(|| {
-            format!(
-                "the model config stored in {} is not valid",
-                path.display()
-            )
+            format!("the model config stored in {} is not valid", path.display())
         })?),
         None => None,
     };
@@ -89,7 +93,7 @@ fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, Option<BeitCo
     Ok((out, config))
 }
 
-fn read_torch(path: &Path) -> Result<Vec<(String, Tensor)>> {
+fn read_torch(path: &Path) -> Result<NamedTensors> {
     let value = torch::read_torch_file(path)?;
     // Training checkpoints wrap the weights: mmengine under `state_dict`,
     // UNILM under `model` (or `module` when saved by DeepSpeed).
@@ -137,7 +141,10 @@ fn shape_of(t: &Tensor) -> Vec<usize> {
 fn dims_str(d: &[usize]) -> String {
     format!(
         "({})",
-        d.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+        d.iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -159,7 +166,13 @@ pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
     let embed_dim = *cls.last().unwrap_or(&0);
     let depth = t
         .keys()
-        .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map(|m| m + 1)
         .with_context(|| format!("{} has no `blocks.N.` keys", sd.path.display()))?;
@@ -275,9 +288,7 @@ pub fn adapt_to_config(
         let resized = resize_table(&data, heads, src_window, dst_window, interp)
             .with_context(|| format!("{file}: resizing '{k}'"))?;
         *v = Tensor::from_vec(resized, (dst_rows, heads), &Device::Cpu)?;
-        tracing::debug!(
-            "{file}: resized '{k}' from {rows} to {dst_rows} rows ({interp:?})"
-        );
+        tracing::debug!("{file}: resized '{k}' from {rows} to {dst_rows} rows ({interp:?})");
     }
     let expected = expected_weights(cfg)?;
     let mut missing = Vec::new();
@@ -312,7 +323,11 @@ pub fn adapt_to_config(
                 } else {
                     String::new()
                 };
-                msg.push_str(&format!("\n  {what} ({}): {}{more}", list.len(), shown.join("; ")));
+                msg.push_str(&format!(
+                    "\n  {what} ({}): {}{more}",
+                    list.len(),
+                    shown.join("; ")
+                ));
             }
         }
         bail!(msg);
@@ -393,7 +408,8 @@ pub fn build_model(cfg: &BeitConfig, weights: HashMap<String, Tensor>) -> Result
 /// Reads a checkpoint and builds the model.
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<Beit> {
     let (cfg, weights) = load_weights(path, opts)?;
-    build_model(&cfg, weights).with_context(|| format!("building the model from {}", path.display()))
+    build_model(&cfg, weights)
+        .with_context(|| format!("building the model from {}", path.display()))
 }
 
 /// Writes tensors as safetensors with the model config in the metadata,

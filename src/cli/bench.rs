@@ -45,9 +45,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let model = build_model(&cfg, random_weights(&cfg)?)?;
     let [h, w] = cfg.img_size;
     if !args.json {
-        println!(
-            "system  arch                      batch  images/s  median s/batch  peak RSS MiB"
-        );
+        println!("system  arch                      batch  images/s  median s/batch  peak RSS MiB");
     }
     for &b in &args.batch_size {
         let x = Tensor::randn(0f32, 1.0, (b, cfg.in_chans, h, w), &Device::Cpu)?;

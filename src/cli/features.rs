@@ -58,9 +58,7 @@ fn extract(model: &Beit, x: &Tensor, kind: Kind, layers: &[i64]) -> Result<Vec<T
         }
     };
     let b = per_batch.dim(0)?;
-    (0..b)
-        .map(|i| Ok(per_batch.i(i)?.contiguous()?))
-        .collect()
+    (0..b).map(|i| Ok(per_batch.i(i)?.contiguous()?)).collect()
 }
 
 /// A NumPy `.npy` v1.0 file of little-endian f32.
@@ -94,8 +92,9 @@ fn write_output(path: &Path, names: &[String], feats: &[Tensor]) -> Result<()> {
                 names.iter().cloned().zip(feats.iter().cloned()).collect();
             let mut keys: Vec<&String> = map.keys().collect();
             keys.sort();
-            let bytes = safetensors::serialize(keys.into_iter().map(|k| (k.as_str(), &map[k])), None)
-                .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+            let bytes =
+                safetensors::serialize(keys.into_iter().map(|k| (k.as_str(), &map[k])), None)
+                    .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
             crate::util::write_atomic(path, &bytes)
         }
         "npy" => {

@@ -15,7 +15,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "beitv2", version, about = "BEiT v1/v2 image models: classify, embed, convert, benchmark")]
+#[command(
+    name = "beitv2",
+    version,
+    about = "BEiT v1/v2 image models: classify, embed, convert, benchmark"
+)]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -82,7 +86,10 @@ impl ModelArgs {
     /// Resolves the weights file, picks the config and fits the weights to it.
     pub fn load_weights(
         &self,
-    ) -> Result<(BeitConfig, std::collections::HashMap<String, candle_core::Tensor>)> {
+    ) -> Result<(
+        BeitConfig,
+        std::collections::HashMap<String, candle_core::Tensor>,
+    )> {
         let (path, hub_arch) = match (&self.weights, &self.model) {
             (Some(p), _) => (p.clone(), None),
             (None, Some(id)) => (
@@ -143,7 +150,12 @@ impl PreprocessArgs {
             bail!("--batch-size must be at least 1");
         }
         let [h, w] = cfg.img_size;
-        Ok(EvalTransform::from_crop_pct((h, w), crop_pct, cfg.mean, cfg.std))
+        Ok(EvalTransform::from_crop_pct(
+            (h, w),
+            crop_pct,
+            cfg.mean,
+            cfg.std,
+        ))
     }
 }
 
@@ -195,7 +207,10 @@ pub fn finish_batch(failures: &[(PathBuf, anyhow::Error)], total: usize) -> Resu
     for (p, e) in failures {
         eprintln!("  {}: {e:#}", p.display());
     }
-    bail!("{} of {total} images could not be processed", failures.len())
+    bail!(
+        "{} of {total} images could not be processed",
+        failures.len()
+    )
 }
 
 /// Stacks per-image CHW data into a (B, 3, H, W) tensor.

@@ -77,9 +77,7 @@ impl Attention {
         let mut logits = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?; // (B, h, N, N)
         match (&self.frozen_bias, &self.rel_pos_table) {
             (Some(bias), _) => logits = logits.broadcast_add(bias)?,
-            (None, Some(table)) => {
-                logits = logits.broadcast_add(&gather_bias(table, index, n)?)?
-            }
+            (None, Some(table)) => logits = logits.broadcast_add(&gather_bias(table, index, n)?)?,
             (None, None) => {}
         }
         if let Some(bias) = shared_bias {

@@ -120,9 +120,7 @@ impl Beit {
             None
         };
         let frozen_shared_bias = match &shared_rel_pos_table {
-            Some(t) if !t.is_variable() => {
-                Some(gather_bias(t, &rel_pos_index, cfg.num_tokens())?)
-            }
+            Some(t) if !t.is_variable() => Some(gather_bias(t, &rel_pos_index, cfg.num_tokens())?),
             _ => None,
         };
         Ok(Self {

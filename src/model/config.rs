@@ -189,7 +189,7 @@ impl BeitConfig {
         if self.patch_size == 0 || self.embed_dim == 0 || self.num_heads == 0 || self.depth == 0 {
             bail!("patch_size, embed_dim, num_heads and depth must be positive");
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             bail!(
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim,
@@ -197,7 +197,7 @@ impl BeitConfig {
             );
         }
         for (axis, s) in ["height", "width"].iter().zip(self.img_size) {
-            if s == 0 || s % self.patch_size != 0 {
+            if s == 0 || !s.is_multiple_of(self.patch_size) {
                 bail!(
                     "image {axis} {s} is not a positive multiple of the patch size {}",
                     self.patch_size
@@ -207,7 +207,7 @@ impl BeitConfig {
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
             bail!("crop_pct {} must be in (0, 1]", self.crop_pct);
         }
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             bail!("mlp_ratio {} must be positive", self.mlp_ratio);
         }
         Ok(())

@@ -29,9 +29,7 @@ pub fn relative_position_index(window: (usize, usize)) -> Vec<u32> {
             index[(qi + 1) * n + ki + 1] = row as u32;
         }
     }
-    for j in 0..n {
-        index[j] = l - 3; // CLS query → any key
-    }
+    index[..n].fill(l - 3); // CLS query → any key
     for i in 0..n {
         index[i * n] = l - 2; // any query → CLS key
     }
@@ -53,8 +51,10 @@ pub fn relative_position_index_tensor(
 /// attention logits. Differentiable with respect to the table.
 pub fn gather_bias(table: &Tensor, index: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let heads = table.dim(1)?;
-    let bias = table.index_select(index, 0)?; // (N·N, heads)
-    bias.reshape((n, n, heads))?.permute((2, 0, 1))?.contiguous()
+    let bias = table.contiguous()?.index_select(index, 0)?; // (N·N, heads)
+    bias.reshape((n, n, heads))?
+        .permute((2, 0, 1))?
+        .contiguous()
 }
 
 /// How a table is resampled to a new window.
@@ -138,13 +138,15 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
             .unwrap_or(col);
         a.swap(col, piv);
         b.swap(col, piv);
-        for row in col + 1..n {
-            let f = a[row][col] / a[col][col];
+        let (top, rest) = a.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for (i, row) in rest.iter_mut().enumerate() {
+            let f = row[col] / pivot_row[col];
             if f != 0.0 {
-                for k in col..n {
-                    a[row][k] -= f * a[col][k];
+                for (x, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                    *x -= f * p;
                 }
-                b[row] -= f * b[col];
+                b[col + 1 + i] -= f * b[col];
             }
         }
     }
