@@ -10,4 +10,5 @@ pub mod cli;
 pub mod data;
 pub mod hub;
 pub mod model;
+pub mod train;
 pub mod util;

@@ -15,3 +15,7 @@ pub use transforms::{
     EvalTransform, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
     IMAGENET_INCEPTION_STD, center_crop, load_batch, short_side_size,
 };
+
+pub mod augment;
+pub mod dataset;
+pub mod loader;

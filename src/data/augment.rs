@@ -1,0 +1,1 @@
+//! Training-time augmentation (timm semantics).

@@ -1,0 +1,1 @@
+//! Datasets: image folders, label files, Fashion-MNIST.

@@ -1,0 +1,1 @@
+//! Parallel, deterministic, resumable batch loading.

@@ -1,0 +1,3 @@
+//! Training: optimiser, schedules, loops, checkpoints, plots.
+
+pub mod plot;

@@ -1,0 +1,1 @@
+//! PNG line plots of training curves.
