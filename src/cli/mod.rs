@@ -6,6 +6,7 @@ mod convert;
 mod features;
 mod info;
 mod inputs;
+mod train;
 
 use crate::checkpoint::{self, LoadOptions};
 use crate::data::EvalTransform;
@@ -40,6 +41,12 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Measure inference throughput and peak memory with random weights.
     Bench(bench::BenchArgs),
+    /// Fine-tune a BEiT on a labelled dataset (recipe TOML + overrides).
+    Finetune(train::RecipeArgs),
+    /// Train a linear head on frozen BEiT features.
+    Linprobe(train::LinprobeArgs),
+    /// Top-1 / top-5 / loss of a classifier on a labelled dataset (JSON summary).
+    Eval(train::EvalArgs),
 }
 
 /// Where the weights come from and which architecture they are.
@@ -167,6 +174,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Finetune(a) => train::finetune(a),
+        Command::Linprobe(a) => train::linprobe(a),
+        Command::Eval(a) => train::eval(a),
     }
 }
 

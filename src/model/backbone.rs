@@ -7,6 +7,7 @@ use super::layers::{LayerNorm, Linear, linear};
 use super::rel_pos::{gather_bias, relative_position_index_tensor, table_len};
 use candle_core::{D, Device, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
+use rand_chacha::ChaCha8Rng;
 
 /// Conv2d with kernel = stride = patch, computed as one GEMM over unfolded patches.
 #[derive(Debug, Clone)]
@@ -105,7 +106,14 @@ impl Beit {
         };
         let rel_pos_index = relative_position_index_tensor(cfg.grid(), vb.device())?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(cfg, &rel_pos_index, vb.pp("blocks").pp(i)))
+            .map(|i| {
+                Block::new(
+                    cfg,
+                    &rel_pos_index,
+                    cfg.drop_path_rate_of(i),
+                    vb.pp("blocks").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let (norm, fc_norm) = match cfg.global_pool {
             GlobalPool::Avg => (
@@ -179,10 +187,19 @@ impl Beit {
 
     /// All tokens after the last block and the final `norm` (if the model has one): (B, N, C).
     pub fn forward_features(&self, x: &Tensor) -> Result<Tensor> {
+        self.features(x, None)
+    }
+
+    fn features(&self, x: &Tensor, mut train_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let mut t = self.embed(x)?;
         let shared = self.shared_bias()?;
         for blk in &self.blocks {
-            t = blk.forward(&t, &self.rel_pos_index, shared.as_ref())?;
+            t = blk.forward(
+                &t,
+                &self.rel_pos_index,
+                shared.as_ref(),
+                train_rng.as_deref_mut(),
+            )?;
         }
         match &self.norm {
             Some(n) => n.forward(&t),
@@ -210,6 +227,12 @@ impl Beit {
     /// Logits (B, num_classes), or pooled features when the model has no head.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_head(&self.forward_features(x)?, false)
+    }
+
+    /// The training forward: like [`Beit::forward`] with stochastic depth
+    /// drawn from `rng` (the only source of randomness in the model).
+    pub fn forward_train(&self, x: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        self.forward_head(&self.features(x, Some(rng))?, false)
     }
 
     /// Runs the blocks up to the last requested index and returns the raw
@@ -240,7 +263,7 @@ impl Beit {
         let shared = self.shared_bias()?;
         let mut out = Vec::with_capacity(wanted.len());
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
-            t = blk.forward(&t, &self.rel_pos_index, shared.as_ref())?;
+            t = blk.forward(&t, &self.rel_pos_index, shared.as_ref(), None)?;
             if wanted.contains(&i) {
                 out.push(Intermediate {
                     block: i,

@@ -89,6 +89,10 @@ pub struct BeitConfig {
     /// Eval crop ratio: the short side is resized to `floor(crop / crop_pct)`.
     #[serde(default = "default_crop_pct")]
     pub crop_pct: f64,
+    /// Stochastic depth of the last block; block `i` gets `rate · i / (depth − 1)`
+    /// (training only).
+    #[serde(default)]
+    pub drop_path_rate: f64,
 }
 
 /// The named architectures, in timm's naming.
@@ -123,6 +127,7 @@ impl BeitConfig {
             std: IMAGENET_STD,
             // UNILM/mmpretrain evaluate with crop 224 from 256 below 384 px, no crop above.
             crop_pct: if img >= 384 { 1.0 } else { 0.875 },
+            drop_path_rate: 0.0,
         }
     }
 
@@ -207,6 +212,9 @@ impl BeitConfig {
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
             bail!("crop_pct {} must be in (0, 1]", self.crop_pct);
         }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            bail!("drop_path_rate {} must be in [0, 1)", self.drop_path_rate);
+        }
         if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             bail!("mlp_ratio {} must be positive", self.mlp_ratio);
         }
@@ -219,6 +227,15 @@ impl BeitConfig {
         self.img_size = [h, w];
         self.validate()?;
         Ok(self)
+    }
+
+    /// Drop-path rate of block `i`: `linspace(0, drop_path_rate, depth)[i]`.
+    pub fn drop_path_rate_of(&self, i: usize) -> f64 {
+        if self.depth <= 1 {
+            0.0
+        } else {
+            self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+        }
     }
 
     /// Patch grid (rows, columns).

@@ -4,6 +4,7 @@
 
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
+use rand::Rng;
 
 /// `y = x·Wᵀ + b` over the last axis, computed as one 2-D GEMM over all leading
 /// axes (no per-batch broadcast of the weight).
@@ -106,4 +107,26 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
     }
+}
+
+/// Stochastic depth (timm `drop_path`): each sample's branch is kept with
+/// probability `1 − rate` and then scaled by `1 / (1 − rate)`.
+pub fn drop_path(x: &Tensor, rate: f64, rng: &mut impl Rng) -> Result<Tensor> {
+    if rate <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - rate;
+    let b = x.dim(0)?;
+    let mask: Vec<f32> = (0..b)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut shape = vec![1usize; x.rank()];
+    shape[0] = b;
+    x.broadcast_mul(&Tensor::from_vec(mask, shape, x.device())?)
 }

@@ -1,3 +1,8 @@
 //! Training: optimiser, schedules, loops, checkpoints, plots.
 
+pub mod engine;
+pub mod loss;
+pub mod optim;
 pub mod plot;
+pub mod recipe;
+pub mod tasks;

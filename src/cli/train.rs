@@ -1,0 +1,236 @@
+//! `beitv2 finetune`, `beitv2 linprobe` and `beitv2 eval`.
+
+use super::ModelArgs;
+use crate::checkpoint::LoadOptions;
+use crate::data::EvalTransform;
+use crate::data::augment::{RandAugment, RandomErasing, TrainTransform};
+use crate::model::BeitConfig;
+use crate::train::engine::{EvalResult, Task, evaluate, open_dataset, train};
+use crate::train::recipe::Recipe;
+use crate::train::tasks::{Finetune, LinearProbe, finetune_weights};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct RecipeArgs {
+    /// Recipe file (TOML); default: the shipped BEiT base fine-tuning recipe.
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    /// Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Start afresh even if the output folder holds checkpoints.
+    #[arg(long)]
+    pub no_resume: bool,
+}
+
+fn model_config(recipe: &Recipe) -> Result<BeitConfig> {
+    let m = &recipe.model;
+    let mut cfg = match (&m.config, &m.arch) {
+        (Some(p), _) => BeitConfig::from_file(p)?,
+        (None, Some(a)) => BeitConfig::preset(a)?,
+        (None, None) => bail!("the recipe needs model.arch or model.config"),
+    };
+    cfg.drop_path_rate = m.drop_path_rate;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn eval_transform(cfg: &BeitConfig) -> EvalTransform {
+    let [h, w] = cfg.img_size;
+    EvalTransform::from_crop_pct((h, w), cfg.crop_pct, cfg.mean, cfg.std)
+}
+
+fn train_transform(recipe: &Recipe, cfg: &BeitConfig, augment: bool) -> Result<TrainTransform> {
+    let size = cfg.img_size[0];
+    let mut t = TrainTransform::simple(size, cfg.mean, cfg.std);
+    t.rrc.scale = (recipe.data.min_crop_scale, 1.0);
+    if augment {
+        if !recipe.data.rand_augment.is_empty() {
+            let fill = cfg.mean.map(|m| (255.0 * m).round() as u8);
+            t.rand_augment = Some(RandAugment::from_timm_str(
+                &recipe.data.rand_augment,
+                fill,
+                (size as f64 * 0.45) as usize,
+            )?);
+        }
+        if recipe.data.reprob > 0.0 {
+            t.erasing = Some(RandomErasing {
+                probability: recipe.data.reprob,
+                ..RandomErasing::default()
+            });
+        }
+    }
+    Ok(t)
+}
+
+fn print_summary(r: &EvalResult, extra: serde_json::Value) -> Result<()> {
+    let mut v = serde_json::to_value(r)?;
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    println!("{v}");
+    Ok(())
+}
+
+pub fn finetune(args: RecipeArgs) -> Result<()> {
+    let recipe = Recipe::load(args.recipe.as_deref(), &args.overrides)?;
+    let train_set = Arc::new(limit(open_dataset(&recipe.data.train)?, recipe.data.limit));
+    let val = (!recipe.data.val.is_empty())
+        .then(|| open_dataset(&recipe.data.val).map(Arc::new))
+        .transpose()?;
+    let mut cfg = model_config(&recipe)?;
+    cfg.num_classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
+    let weights = finetune_weights(recipe.model.weights.as_deref(), &cfg, recipe.run.seed)?;
+    let task = Finetune::new(&cfg, weights)?;
+    let t0 = std::time::Instant::now();
+    let r = train(
+        &task,
+        &recipe,
+        train_set,
+        val,
+        train_transform(&recipe, &cfg, true)?,
+        eval_transform(&cfg),
+        !args.no_resume,
+    )?;
+    eprintln!(
+        "finished in {:.1} min; model: {}",
+        t0.elapsed().as_secs_f64() / 60.0,
+        recipe.run.output.join("model-last.safetensors").display()
+    );
+    if let Some(r) = r {
+        print_summary(
+            &r,
+            serde_json::json!({"model": "model-last", "output": recipe.run.output}),
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct LinprobeArgs {
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// Frozen backbone checkpoint.
+    #[arg(long, value_name = "FILE")]
+    pub weights: PathBuf,
+    /// Architecture preset of the backbone (else stored/inferred).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Block whose tokens feed the head (negative counts from the end).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub layer: i64,
+}
+
+pub fn linprobe(args: LinprobeArgs) -> Result<()> {
+    let recipe = Recipe::load(args.recipe.recipe.as_deref(), &args.recipe.overrides)?;
+    let train_set = Arc::new(limit(open_dataset(&recipe.data.train)?, recipe.data.limit));
+    let val = (!recipe.data.val.is_empty())
+        .then(|| open_dataset(&recipe.data.val).map(Arc::new))
+        .transpose()?;
+    let classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
+    let opts = LoadOptions {
+        arch: args.arch.clone(),
+        ..Default::default()
+    };
+    let task = LinearProbe::new(&args.weights, &opts, args.layer, classes, recipe.run.seed)?;
+    let cfg = task.backbone.cfg.clone();
+    let r = train(
+        &task,
+        &recipe,
+        train_set,
+        val,
+        train_transform(&recipe, &cfg, false)?,
+        eval_transform(&cfg),
+        !args.recipe.no_resume,
+    )?;
+    if let Some(r) = r {
+        print_summary(
+            &r,
+            serde_json::json!({"layer": args.layer, "output": recipe.run.output}),
+        )?;
+    }
+    Ok(())
+}
+
+fn limit(d: crate::data::dataset::Dataset, n: usize) -> crate::data::dataset::Dataset {
+    if n == 0 || n >= d.len() {
+        return d;
+    }
+    let idx: Vec<usize> = (0..n).collect();
+    d.subset(&idx)
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Labelled data: an image folder with class subfolders or fashion-mnist:test.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub crop_pct: Option<f64>,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// Adapts a loaded classifier to the engine's evaluation.
+struct Classifier(crate::model::Beit);
+
+impl Task for Classifier {
+    fn logits(
+        &self,
+        x: &candle_core::Tensor,
+        _: Option<&mut rand_chacha::ChaCha8Rng>,
+    ) -> Result<candle_core::Tensor> {
+        Ok(self.0.forward(x)?)
+    }
+    fn trainable(&self) -> Vec<(String, candle_core::Var)> {
+        Vec::new()
+    }
+    fn export(&self, _: &std::path::Path) -> Result<()> {
+        bail!("an evaluation-only model is not exported")
+    }
+    fn input_hw(&self) -> (usize, usize) {
+        (self.0.cfg.img_size[0], self.0.cfg.img_size[1])
+    }
+    fn num_classes(&self) -> usize {
+        self.0.cfg.num_classes
+    }
+    fn depth(&self) -> usize {
+        self.0.cfg.depth
+    }
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let data = Arc::new(open_dataset(&args.data)?);
+    let mut t = eval_transform(&model.cfg);
+    let crop_pct = args.crop_pct.unwrap_or(model.cfg.crop_pct);
+    if let Some(c) = args.crop_pct {
+        let [h, w] = model.cfg.img_size;
+        t = EvalTransform::from_crop_pct((h, w), c, model.cfg.mean, model.cfg.std);
+    }
+    let name = args
+        .model
+        .weights
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .or(args.model.model.clone())
+        .context("no model given")?;
+    let img = model.cfg.img_size;
+    let task = Classifier(model);
+    let r = evaluate(&task, data, t, args.batch_size, args.workers)?;
+    print_summary(
+        &r,
+        serde_json::json!({"model": name, "img_size": img, "crop_pct": crop_pct}),
+    )?;
+    if r.skipped > 0 {
+        bail!("{} images could not be read", r.skipped);
+    }
+    Ok(())
+}

@@ -1,1 +1,0 @@
-//! Training-time augmentation (timm semantics).

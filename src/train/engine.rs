@@ -1,0 +1,549 @@
+//! The training loop shared by fine-tuning and linear probing, readable top
+//! to bottom: data → forward → loss → backward → clip → AdamW, with atomic
+//! checkpoints, exact resume, a JSONL metrics log and PNG curves.
+//!
+//! Exact resume needs no saved RNG state: the data order comes from
+//! (seed, epoch), each sample's augmentation from (seed, epoch, index), and
+//! the batch-level randomness (mixup, drop path) from (seed, step).
+
+use super::loss::{correct_top_k, smoothed_targets, soft_target_cross_entropy};
+use super::optim::{AdamW, clip_grad_norm, cosine_lr};
+use super::plot::{Chart, Series, save_panels};
+use super::recipe::Recipe;
+use crate::data::augment::{Mixup, TrainTransform};
+use crate::data::dataset::Dataset;
+use crate::data::loader::{Batch, Loader, LoaderConfig, SampleTransform};
+use crate::data::{EvalTransform, RgbImage};
+use anyhow::{Context, Result, bail};
+use candle_core::{Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What is being trained: logits from images, the trainable tensors by name,
+/// and how to export the result as a model checkpoint.
+pub trait Task {
+    /// Logits (B, K); `train_rng` is given for training forwards (drop path).
+    fn logits(&self, x: &Tensor, train_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor>;
+    /// The trainable variables, by canonical name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// Writes a model checkpoint that `beitv2 classify` can load.
+    fn export(&self, path: &Path) -> Result<()>;
+    /// Input (height, width).
+    fn input_hw(&self) -> (usize, usize);
+    fn num_classes(&self) -> usize;
+    /// Model depth, for layer-wise lr decay (0 when it does not apply).
+    fn depth(&self) -> usize;
+}
+
+impl SampleTransform for TrainTransform {
+    fn apply(&self, img: &RgbImage, rng: &mut ChaCha8Rng) -> Result<Vec<f32>> {
+        TrainTransform::apply(self, img, rng)
+    }
+    fn output_hw(&self) -> (usize, usize) {
+        self.rrc.size
+    }
+}
+
+/// Where training stands; stored in every checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub epoch: usize,
+    /// Next batch to run within `epoch`.
+    pub batch: usize,
+    /// Optimiser steps taken.
+    pub step: u64,
+    pub best_top1: f64,
+}
+
+/// Evaluation summary.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    pub n: usize,
+    pub skipped: usize,
+}
+
+/// Parses a data spec: `fashion-mnist:train|test[:DIR]` or an image folder.
+pub fn open_dataset(spec: &str) -> Result<Dataset> {
+    use crate::data::dataset::Split;
+    if let Some(rest) = spec.strip_prefix("fashion-mnist:") {
+        let (split, dir) = match rest.split_once(':') {
+            Some((s, d)) => (s, PathBuf::from(d)),
+            None => (rest, Dataset::default_fashion_mnist_dir()),
+        };
+        let split = match split {
+            "train" => Split::Train,
+            "test" => Split::Test,
+            other => bail!("unknown Fashion-MNIST split '{other}' (train or test)"),
+        };
+        return Dataset::fashion_mnist(&dir, split);
+    }
+    Dataset::image_folder(Path::new(spec))
+}
+
+/// Runs the model over a labelled dataset: top-1, top-5 and mean loss.
+pub fn evaluate(
+    task: &dyn Task,
+    data: Arc<Dataset>,
+    t: EvalTransform,
+    batch: usize,
+    workers: usize,
+) -> Result<EvalResult> {
+    let loader = Loader::new(
+        data,
+        Arc::new(t),
+        LoaderConfig {
+            batch_size: batch,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            workers,
+            prefetch: 2,
+        },
+    )?;
+    let pb = crate::cli::progress(loader.batches_per_epoch(), "evaluating");
+    let (mut c1, mut c5, mut n, mut skipped, mut loss_sum) = (0usize, 0usize, 0usize, 0usize, 0f64);
+    for b in loader.iter_epoch(0, 0) {
+        skipped += report_failures(&b);
+        if !b.labels.is_empty() {
+            let x = batch_tensor(&b, task.input_hw())?;
+            let logits = task.logits(&x, None)?;
+            let t = smoothed_targets(&b.labels, task.num_classes(), 0.0)?;
+            let l = soft_target_cross_entropy(&logits, &t)?.to_scalar::<f32>()? as f64;
+            let rows = logits.to_vec2::<f32>()?;
+            c1 += correct_top_k(&rows, &b.labels, 1);
+            c5 += correct_top_k(&rows, &b.labels, 5.min(task.num_classes()));
+            loss_sum += l * b.labels.len() as f64;
+            n += b.labels.len();
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if n == 0 {
+        bail!("evaluation saw no readable labelled images");
+    }
+    Ok(EvalResult {
+        top1: 100.0 * c1 as f64 / n as f64,
+        top5: 100.0 * c5 as f64 / n as f64,
+        loss: loss_sum / n as f64,
+        n,
+        skipped,
+    })
+}
+
+fn report_failures(b: &Batch) -> usize {
+    for (name, e) in &b.failures {
+        tracing::warn!("skipped {name}: {e:#}");
+    }
+    b.failures.len()
+}
+
+fn batch_tensor(b: &Batch, (h, w): (usize, usize)) -> Result<Tensor> {
+    let n = b.images.len() / (3 * h * w);
+    Ok(Tensor::from_vec(
+        b.images.clone(),
+        (n, 3, h, w),
+        &Device::Cpu,
+    )?)
+}
+
+/// Seeds derived from the run seed, independent of scheduling.
+fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(step + 1))
+}
+
+const STATE_KEY: &str = "beitv2_train_state";
+
+/// Writes the full training state (trainable tensors, Adam moments, progress)
+/// atomically.
+fn save_state(path: &Path, opt: &AdamW, progress: &Progress) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for p in &opt.params {
+        tensors.push((format!("param.{}", p.name), p.var.as_tensor().detach()));
+        tensors.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
+        tensors.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = HashMap::new();
+    meta.insert(STATE_KEY.to_string(), serde_json::to_string(progress)?);
+    meta.insert("optim_step".to_string(), opt.step.to_string());
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
+        .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
+    crate::util::write_atomic(path, &bytes)
+}
+
+/// Restores a state written by [`save_state`] into `opt`; returns the progress.
+fn load_state(path: &Path, opt: &mut AdamW) -> Result<Progress> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a training checkpoint", path.display()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let progress: Progress = serde_json::from_str(
+        meta.get(STATE_KEY)
+            .with_context(|| format!("{} holds no training state", path.display()))?,
+    )?;
+    opt.step = meta
+        .get("optim_step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{} holds no optimiser step", path.display()))?;
+    let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    for p in &mut opt.params {
+        let get = |prefix: &str| {
+            t.get(&format!("{prefix}.{}", p.name))
+                .cloned()
+                .with_context(|| {
+                    format!(
+                        "{}: no '{prefix}.{}' (checkpoint of another model?)",
+                        path.display(),
+                        p.name
+                    )
+                })
+        };
+        let w = get("param")?;
+        if w.dims() != p.var.as_tensor().dims() {
+            bail!(
+                "{}: '{}' is {:?} in the checkpoint but {:?} in the model",
+                path.display(),
+                p.name,
+                w.dims(),
+                p.var.as_tensor().dims()
+            );
+        }
+        p.var.set(&w)?;
+        p.exp_avg = get("exp_avg")?;
+        p.exp_avg_sq = get("exp_avg_sq")?;
+    }
+    Ok(progress)
+}
+
+fn checkpoint_name(step: u64) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+/// The newest `step-*.safetensors` in `dir`.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("checkpoints"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    v.sort();
+    v.pop()
+}
+
+fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    v.sort();
+    while v.len() > keep.max(1) {
+        std::fs::remove_file(v.remove(0))?;
+    }
+    Ok(())
+}
+
+/// Appends JSON lines to `metrics.jsonl`; on resume, lines after the resumed
+/// step are dropped so the log matches an uninterrupted run.
+struct MetricsLog {
+    path: PathBuf,
+    records: Vec<serde_json::Value>,
+}
+
+impl MetricsLog {
+    fn open(path: PathBuf, resume_step: Option<u64>) -> Result<Self> {
+        let mut records = Vec::new();
+        if let (Some(step), Ok(text)) = (resume_step, std::fs::read_to_string(&path)) {
+            records = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+                .collect();
+        }
+        let log = Self { path, records };
+        log.rewrite()?;
+        Ok(log)
+    }
+
+    fn rewrite(&self) -> Result<()> {
+        let text: String = self.records.iter().map(|r| format!("{r}\n")).collect();
+        crate::util::write_atomic(&self.path, text.as_bytes())
+    }
+
+    fn push(&mut self, v: serde_json::Value) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)?;
+        writeln!(f, "{v}")?;
+        self.records.push(v);
+        Ok(())
+    }
+
+    fn series(&self, kind: &str, key: &str) -> Vec<(f64, f64)> {
+        self.records
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .filter_map(|r| Some((r["step"].as_f64()?, r[key].as_f64()?)))
+            .collect()
+    }
+
+    fn plot(&self, path: &Path) -> Result<()> {
+        let s = |name: &str, kind: &str, key: &str| Series {
+            name: name.to_string(),
+            points: self.series(kind, key),
+        };
+        let charts = vec![
+            Chart {
+                title: "training loss".into(),
+                x_label: "step".into(),
+                y_label: "loss".into(),
+                series: vec![
+                    s("train loss", "train", "loss"),
+                    s("val loss", "val", "loss"),
+                ],
+                log_y: false,
+            },
+            Chart {
+                title: "validation accuracy".into(),
+                x_label: "step".into(),
+                y_label: "%".into(),
+                series: vec![s("top-1", "val", "top1"), s("top-5", "val", "top5")],
+                log_y: false,
+            },
+            Chart {
+                title: "learning rate".into(),
+                x_label: "step".into(),
+                y_label: "lr".into(),
+                series: vec![s("lr", "train", "lr")],
+                log_y: false,
+            },
+        ];
+        save_panels(&charts, path)
+    }
+}
+
+/// Trains `task` with `recipe` on `train`, evaluating on `val` each epoch.
+/// Resumes from the newest checkpoint in the output folder when `resume`.
+pub fn train(
+    task: &dyn Task,
+    recipe: &Recipe,
+    train: Arc<Dataset>,
+    val: Option<Arc<Dataset>>,
+    transform: TrainTransform,
+    eval_transform: EvalTransform,
+    resume: bool,
+) -> Result<Option<EvalResult>> {
+    let out = &recipe.run.output;
+    let ckpt_dir = out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir)
+        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    let k = task.num_classes();
+    train.check_labels(k)?;
+    if let Some(v) = &val {
+        v.check_labels(k)?;
+    }
+    let d = &recipe.data;
+    let loader = Loader::new(
+        train,
+        Arc::new(transform),
+        LoaderConfig {
+            batch_size: d.batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed: recipe.run.seed,
+            workers: d.workers.max(1),
+            prefetch: 2,
+        },
+    )?;
+    let per_epoch = loader.batches_per_epoch();
+    if per_epoch == 0 {
+        bail!(
+            "the training set is smaller than one batch of {}",
+            d.batch_size
+        );
+    }
+    let accum = recipe.schedule.accum_steps;
+    let steps_per_epoch = per_epoch / accum;
+    if steps_per_epoch == 0 {
+        bail!("an epoch has {per_epoch} batches, fewer than schedule.accum_steps = {accum}");
+    }
+    let total = steps_per_epoch * recipe.schedule.epochs;
+    let warmup = steps_per_epoch * recipe.schedule.warmup_epochs;
+    let mut opt = AdamW::new(task.trainable(), task.depth(), recipe.optim.clone())?;
+    let mut progress = Progress::default();
+    if resume && let Some(ck) = latest_checkpoint(out) {
+        progress = load_state(&ck, &mut opt)?;
+        tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
+    }
+    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(progress.step))?;
+    std::fs::write(out.join("recipe.toml"), toml::to_string(recipe)?)?;
+    let mixup = (d.mixup > 0.0 || d.cutmix > 0.0).then(|| Mixup {
+        mixup_alpha: d.mixup,
+        cutmix_alpha: d.cutmix,
+        prob: 1.0,
+        switch_prob: 0.5,
+        label_smoothing: d.smoothing,
+        num_classes: k,
+    });
+    let hw = task.input_hw();
+    let abort_after: Option<u64> = std::env::var("BEITV2_ABORT_AFTER_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut last_eval = None;
+    let start = std::time::Instant::now();
+    while progress.epoch < recipe.schedule.epochs {
+        let epoch = progress.epoch;
+        let pb = crate::cli::progress(
+            per_epoch,
+            &format!("epoch {}/{}", epoch + 1, recipe.schedule.epochs),
+        );
+        pb.set_position(progress.batch as u64);
+        // Whole optimiser steps only: a trailing partial accumulation group is dropped.
+        let usable = steps_per_epoch * accum;
+        let mut micro = 0usize;
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut loss_acc = 0f64;
+        for b in loader
+            .iter_epoch(epoch as u64, progress.batch)
+            .take(usable - progress.batch)
+        {
+            report_failures(&b);
+            let mut rng = step_rng(recipe.run.seed, progress.step * accum as u64 + micro as u64);
+            if !b.labels.is_empty() {
+                let mut x = b.images.clone();
+                let targets = match &mixup {
+                    Some(m) if b.labels.len() % 2 == 0 => {
+                        let t =
+                            m.apply(&mut x, (b.labels.len(), 3, hw.0, hw.1), &b.labels, &mut rng)?;
+                        Tensor::from_vec(t, (b.labels.len(), k), &Device::Cpu)?
+                    }
+                    _ => smoothed_targets(&b.labels, k, d.smoothing)?,
+                };
+                let x = Tensor::from_vec(x, (b.labels.len(), 3, hw.0, hw.1), &Device::Cpu)?;
+                let logits = task.logits(&x, Some(&mut rng))?;
+                let loss = soft_target_cross_entropy(&logits, &targets)?;
+                let lv = loss.to_scalar::<f32>()? as f64;
+                if !lv.is_finite() {
+                    bail!(
+                        "loss is {lv} at epoch {epoch}, step {}: stopping; the last good checkpoint is in {}",
+                        progress.step,
+                        ckpt_dir.display()
+                    );
+                }
+                loss_acc += lv / accum as f64;
+                let g = (loss / accum as f64)?.backward()?;
+                grads = Some(match grads.take() {
+                    None => g,
+                    Some(mut acc) => {
+                        for p in &opt.params {
+                            if let Some(gi) = g.get(p.var.as_tensor()) {
+                                let sum = match acc.get(p.var.as_tensor()) {
+                                    Some(a) => (a + gi)?,
+                                    None => gi.clone(),
+                                };
+                                acc.insert(p.var.as_tensor(), sum);
+                            }
+                        }
+                        acc
+                    }
+                });
+            }
+            micro += 1;
+            progress.batch += 1;
+            pb.inc(1);
+            if micro < accum {
+                continue;
+            }
+            micro = 0;
+            let lr = cosine_lr(
+                recipe.optim.lr,
+                recipe.optim.min_lr,
+                warmup,
+                total,
+                progress.step as usize,
+            );
+            let mut g = grads.take().unwrap_or_default();
+            let grad_norm = clip_grad_norm(&mut g, &opt.params, recipe.optim.clip_grad)?;
+            opt.step(&g, lr)?;
+            progress.step += 1;
+            log.push(serde_json::json!({
+                "kind": "train", "step": progress.step, "epoch": epoch, "loss": loss_acc,
+                "lr": lr, "grad_norm": grad_norm, "elapsed_s": start.elapsed().as_secs_f64(),
+            }))?;
+            if abort_after == Some(progress.step) {
+                // Simulated kill (tests of exact resume): no checkpoint for this step.
+                std::process::abort();
+            }
+            pb.set_message(format!("epoch {} loss {loss_acc:.4}", epoch + 1));
+            loss_acc = 0.0;
+            if recipe.run.ckpt_every > 0 && progress.step % recipe.run.ckpt_every as u64 == 0 {
+                save_state(
+                    &ckpt_dir.join(checkpoint_name(progress.step)),
+                    &opt,
+                    &progress,
+                )?;
+                prune_checkpoints(&ckpt_dir, recipe.run.keep_last)?;
+            }
+        }
+        pb.finish_and_clear();
+        progress.epoch += 1;
+        progress.batch = 0;
+        if let Some(v) = &val {
+            let r = evaluate(
+                task,
+                v.clone(),
+                eval_transform.clone(),
+                d.batch_size,
+                d.workers.max(1),
+            )?;
+            tracing::info!(
+                "epoch {}: val top-1 {:.2}% top-5 {:.2}% loss {:.4}",
+                epoch + 1,
+                r.top1,
+                r.top5,
+                r.loss
+            );
+            eprintln!(
+                "epoch {}: val top-1 {:.2}%  top-5 {:.2}%  loss {:.4}",
+                epoch + 1,
+                r.top1,
+                r.top5,
+                r.loss
+            );
+            log.push(serde_json::json!({
+                "kind": "val", "step": progress.step, "epoch": epoch + 1,
+                "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n,
+            }))?;
+            if r.top1 > progress.best_top1 {
+                progress.best_top1 = r.top1;
+                task.export(&out.join("model-best.safetensors"))?;
+            }
+            last_eval = Some(r);
+        }
+        save_state(
+            &ckpt_dir.join(checkpoint_name(progress.step)),
+            &opt,
+            &progress,
+        )?;
+        prune_checkpoints(&ckpt_dir, recipe.run.keep_last)?;
+        task.export(&out.join("model-last.safetensors"))?;
+    }
+    log.plot(&out.join("curves.png"))?;
+    Ok(last_eval)
+}

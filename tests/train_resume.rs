@@ -1,0 +1,152 @@
+//! Killing `beitv2 finetune` between checkpoints and running it again gives
+//! exactly the weights and metrics of an uninterrupted run (augmentation,
+//! mixup/cutmix and drop path all on).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn write_dataset(root: &Path) {
+    for (c, class) in ["circle", "square"].iter().enumerate() {
+        let dir = root.join(class);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..8u32 {
+            let img = image::RgbImage::from_fn(20, 18, |x, y| {
+                let v = ((x * 7 + y * 13 + i * 31 + c as u32 * 90) % 255) as u8;
+                image::Rgb([v, 255 - v, (v / 2) + c as u8 * 100])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+fn recipe(dir: &Path, data: &Path, out: &Path) -> PathBuf {
+    let cfg = dir.join("tiny.json");
+    std::fs::write(
+        &cfg,
+        r#"{"img_size": [16, 16], "patch_size": 4, "num_classes": 2, "embed_dim": 16,
+            "depth": 2, "num_heads": 2, "rel_pos_bias": "per_block", "layer_scale": true,
+            "global_pool": "avg", "crop_pct": 1.0}"#,
+    )
+    .unwrap();
+    let text = format!(
+        r#"
+[model]
+config = "tiny.json"
+drop_path_rate = 0.1
+[data]
+train = "{data}"
+val = "{data}"
+batch_size = 4
+workers = 2
+rand_augment = "rand-m9-mstd0.5-inc1"
+reprob = 0.25
+mixup = 0.8
+cutmix = 1.0
+smoothing = 0.1
+min_crop_scale = 0.08
+limit = 0
+[optim]
+lr = 1e-3
+min_lr = 1e-5
+weight_decay = 0.05
+betas = [0.9, 0.999]
+eps = 1e-8
+layer_decay = 0.75
+clip_grad = 1.0
+[schedule]
+epochs = 3
+warmup_epochs = 1
+accum_steps = 1
+[run]
+seed = 7
+output = "{out}"
+ckpt_every = 4
+keep_last = 2
+"#,
+        data = data.display(),
+        out = out.display()
+    );
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn finetune(recipe: &Path, abort_after: Option<u64>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_beitv2"));
+    c.args(["finetune", "--recipe", recipe.to_str().unwrap()]);
+    if let Some(s) = abort_after {
+        c.env("BEITV2_ABORT_AFTER_STEP", s.to_string());
+    }
+    c.output().unwrap()
+}
+
+fn metrics_without_time(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("elapsed_s");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn killed_and_resumed_run_equals_uninterrupted_run() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-resume-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_dataset(&data);
+    let (a_dir, b_dir) = (tmp.join("a"), tmp.join("b"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let ra = recipe(&a_dir, &data, &a_dir.join("out"));
+    let rb = recipe(&b_dir, &data, &b_dir.join("out"));
+
+    let a = finetune(&ra, None);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    // Killed after step 6: the newest checkpoint is step 4, so steps 5–6 are redone.
+    let killed = finetune(&rb, Some(6));
+    assert!(
+        !killed.status.success(),
+        "the simulated kill must stop the run"
+    );
+    assert!(
+        b_dir
+            .join("out/checkpoints/step-00000004.safetensors")
+            .exists()
+    );
+    assert!(
+        !b_dir
+            .join("out/checkpoints/step-00000006.safetensors")
+            .exists()
+    );
+    let b = finetune(&rb, None);
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+
+    let load = |d: &Path| {
+        candle_core::safetensors::load(
+            d.join("out/model-last.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (load(&a_dir), load(&b_dir));
+    assert_eq!(wa.len(), wb.len());
+    for (k, ta) in &wa {
+        let (va, vb) = (
+            ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(
+            va == vb,
+            "{k}: resumed weights differ from the uninterrupted run"
+        );
+    }
+    assert_eq!(
+        metrics_without_time(&a_dir.join("out")),
+        metrics_without_time(&b_dir.join("out"))
+    );
+    assert!(a_dir.join("out/curves.png").exists());
+    std::fs::remove_dir_all(tmp).unwrap();
+}
