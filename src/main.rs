@@ -11,6 +11,15 @@ fn main() -> std::process::ExitCode {
     beitv2::cli::init_logging(cli.verbose);
     match beitv2::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `beitv2 classify ... | head` closes the pipe early: not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -77,10 +77,7 @@ fn print_summary(r: &EvalResult, extra: serde_json::Value) -> Result<()> {
 
 pub fn finetune(args: RecipeArgs) -> Result<()> {
     let recipe = Recipe::load(args.recipe.as_deref(), &args.overrides)?;
-    let train_set = Arc::new(limit(open_dataset(&recipe.data.train)?, recipe.data.limit));
-    let val = (!recipe.data.val.is_empty())
-        .then(|| open_dataset(&recipe.data.val).map(Arc::new))
-        .transpose()?;
+    let (train_set, val) = open_data(&recipe)?;
     let mut cfg = model_config(&recipe)?;
     cfg.num_classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
     let weights = finetune_weights(recipe.model.weights.as_deref(), &cfg, recipe.run.seed)?;
@@ -126,10 +123,7 @@ pub struct LinprobeArgs {
 
 pub fn linprobe(args: LinprobeArgs) -> Result<()> {
     let recipe = Recipe::load(args.recipe.recipe.as_deref(), &args.recipe.overrides)?;
-    let train_set = Arc::new(limit(open_dataset(&recipe.data.train)?, recipe.data.limit));
-    let val = (!recipe.data.val.is_empty())
-        .then(|| open_dataset(&recipe.data.val).map(Arc::new))
-        .transpose()?;
+    let (train_set, val) = open_data(&recipe)?;
     let classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
     let opts = LoadOptions {
         arch: args.arch.clone(),
@@ -155,12 +149,20 @@ pub fn linprobe(args: LinprobeArgs) -> Result<()> {
     Ok(())
 }
 
-fn limit(d: crate::data::dataset::Dataset, n: usize) -> crate::data::dataset::Dataset {
-    if n == 0 || n >= d.len() {
-        return d;
+type Data = Arc<crate::data::dataset::Dataset>;
+
+/// The recipe's training set (first `data.limit` samples when set) and
+/// validation set (none when `data.val` is empty).
+fn open_data(recipe: &Recipe) -> Result<(Data, Option<Data>)> {
+    let mut train_set = open_dataset(&recipe.data.train)?;
+    let n = recipe.data.limit;
+    if n > 0 && n < train_set.len() {
+        train_set = train_set.subset(&(0..n).collect::<Vec<_>>());
     }
-    let idx: Vec<usize> = (0..n).collect();
-    d.subset(&idx)
+    let val = (!recipe.data.val.is_empty())
+        .then(|| open_dataset(&recipe.data.val).map(Arc::new))
+        .transpose()?;
+    Ok((Arc::new(train_set), val))
 }
 
 #[derive(Args, Debug)]

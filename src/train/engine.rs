@@ -113,7 +113,7 @@ pub fn evaluate(
     for b in loader.iter_epoch(0, 0) {
         skipped += report_failures(&b);
         if !b.labels.is_empty() {
-            let x = batch_tensor(&b, task.input_hw())?;
+            let x = b.images_tensor(&Device::Cpu)?;
             let logits = task.logits(&x, None)?;
             let t = smoothed_targets(&b.labels, task.num_classes(), 0.0)?;
             let l = soft_target_cross_entropy(&logits, &t)?.to_scalar::<f32>()? as f64;
@@ -143,15 +143,6 @@ fn report_failures(b: &Batch) -> usize {
         tracing::warn!("skipped {name}: {e:#}");
     }
     b.failures.len()
-}
-
-fn batch_tensor(b: &Batch, (h, w): (usize, usize)) -> Result<Tensor> {
-    let n = b.images.len() / (3 * h * w);
-    Ok(Tensor::from_vec(
-        b.images.clone(),
-        (n, 3, h, w),
-        &Device::Cpu,
-    )?)
 }
 
 /// Seeds derived from the run seed, independent of scheduling.
@@ -225,6 +216,12 @@ fn load_state(path: &Path, opt: &mut AdamW) -> Result<Progress> {
 
 fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}.safetensors")
+}
+
+/// Saves the state as `step-N` in `dir` and removes all but the newest `keep`.
+fn checkpoint(dir: &Path, opt: &AdamW, progress: &Progress, keep: usize) -> Result<()> {
+    save_state(&dir.join(checkpoint_name(progress.step)), opt, progress)?;
+    prune_checkpoints(dir, keep)
 }
 
 /// The newest `step-*.safetensors` in `dir`.
@@ -393,7 +390,7 @@ pub fn train(
     }
     let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(progress.step))?;
     std::fs::write(out.join("recipe.toml"), toml::to_string(recipe)?)?;
-    let mixup = (d.mixup > 0.0 || d.cutmix > 0.0).then(|| Mixup {
+    let mixup = (d.mixup > 0.0 || d.cutmix > 0.0).then_some(Mixup {
         mixup_alpha: d.mixup,
         cutmix_alpha: d.cutmix,
         prob: 1.0,
@@ -493,12 +490,7 @@ pub fn train(
             pb.set_message(format!("epoch {} loss {loss_acc:.4}", epoch + 1));
             loss_acc = 0.0;
             if recipe.run.ckpt_every > 0 && progress.step % recipe.run.ckpt_every as u64 == 0 {
-                save_state(
-                    &ckpt_dir.join(checkpoint_name(progress.step)),
-                    &opt,
-                    &progress,
-                )?;
-                prune_checkpoints(&ckpt_dir, recipe.run.keep_last)?;
+                checkpoint(&ckpt_dir, &opt, &progress, recipe.run.keep_last)?;
             }
         }
         pb.finish_and_clear();
@@ -512,13 +504,6 @@ pub fn train(
                 d.batch_size,
                 d.workers.max(1),
             )?;
-            tracing::info!(
-                "epoch {}: val top-1 {:.2}% top-5 {:.2}% loss {:.4}",
-                epoch + 1,
-                r.top1,
-                r.top5,
-                r.loss
-            );
             eprintln!(
                 "epoch {}: val top-1 {:.2}%  top-5 {:.2}%  loss {:.4}",
                 epoch + 1,
@@ -536,12 +521,7 @@ pub fn train(
             }
             last_eval = Some(r);
         }
-        save_state(
-            &ckpt_dir.join(checkpoint_name(progress.step)),
-            &opt,
-            &progress,
-        )?;
-        prune_checkpoints(&ckpt_dir, recipe.run.keep_last)?;
+        checkpoint(&ckpt_dir, &opt, &progress, recipe.run.keep_last)?;
         task.export(&out.join("model-last.safetensors"))?;
     }
     log.plot(&out.join("curves.png"))?;

@@ -198,7 +198,7 @@ impl Recipe {
         if self.schedule.epochs == 0 {
             bail!("schedule.epochs must be at least 1");
         }
-        if !(self.optim.lr > 0.0) || self.optim.min_lr < 0.0 {
+        if self.optim.lr.is_nan() || self.optim.lr <= 0.0 || self.optim.min_lr < 0.0 {
             bail!("optim.lr must be positive and optim.min_lr non-negative");
         }
         if (self.data.mixup > 0.0 || self.data.cutmix > 0.0) && self.data.batch_size % 2 == 1 {
