@@ -271,3 +271,58 @@ fn convert_writes_a_self_describing_file() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn eval_prints_a_json_summary_and_checks_labels() {
+    let (w, c) = tiny();
+    let dir = temp_dir("eval");
+    let list = dir.join("val.txt");
+    std::fs::write(&list, "chelsea.png 3\ncoffee.png 1\nrocket.png 9\n").unwrap();
+    let spec = format!(
+        "{}@{}",
+        root().join("assets/photos").display(),
+        list.display()
+    );
+    let out = beitv2(
+        &[
+            "eval",
+            "--weights",
+            w.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "--data",
+            &spec,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n"], 3);
+    for k in ["top1", "top5", "loss", "model", "img_size", "crop_pct"] {
+        assert!(!v[k].is_null(), "missing {k}: {v}");
+    }
+    let top1 = v["top1"].as_f64().unwrap();
+    assert!(
+        [0.0, 100.0 / 3.0, 200.0 / 3.0, 100.0]
+            .iter()
+            .any(|x| (x - top1).abs() < 1e-9)
+    );
+    // A label the 10-class model cannot have is refused, naming the sample.
+    std::fs::write(&list, "chelsea.png 3\ncoffee.png 12\n").unwrap();
+    let out = beitv2(
+        &[
+            "eval",
+            "--weights",
+            w.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "--data",
+            &spec,
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("coffee.png") || err.contains("12"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -70,7 +70,9 @@ pub struct EvalResult {
     pub skipped: usize,
 }
 
-/// Parses a data spec: `fashion-mnist:train|test[:DIR]` or an image folder.
+/// Parses a data spec: `fashion-mnist:train|test[:DIR]`, `ROOT@LIST` (a flat
+/// folder plus a `name index` list, mmpretrain's `meta/val.txt` layout) or an
+/// image folder with one subfolder per class.
 pub fn open_dataset(spec: &str) -> Result<Dataset> {
     use crate::data::dataset::Split;
     if let Some(rest) = spec.strip_prefix("fashion-mnist:") {
@@ -85,6 +87,9 @@ pub fn open_dataset(spec: &str) -> Result<Dataset> {
         };
         return Dataset::fashion_mnist(&dir, split);
     }
+    if let Some((root, list)) = spec.split_once('@') {
+        return Dataset::labelled_list(Path::new(root), Path::new(list), None);
+    }
     Dataset::image_folder(Path::new(spec))
 }
 
@@ -96,6 +101,7 @@ pub fn evaluate(
     batch: usize,
     workers: usize,
 ) -> Result<EvalResult> {
+    data.check_labels(task.num_classes())?;
     let loader = Loader::new(
         data,
         Arc::new(t),
