@@ -326,3 +326,44 @@ fn eval_prints_a_json_summary_and_checks_labels() {
     assert!(err.contains("coffee.png") || err.contains("12"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn tokenize_prints_grids_and_codebook_stats() {
+    let v = root().join("tests/fixtures/vqkd");
+    let out = beitv2(
+        &[
+            "tokenize",
+            "--tokenizer",
+            v.join("photo_unilm.pth").to_str().unwrap(),
+            "--config",
+            v.join("photo_config.json").to_str().unwrap(),
+            "--stats",
+            "assets/photos",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "4 images and the stats line");
+    for img in &lines[..4] {
+        let rows = img["tokens"].as_array().unwrap();
+        assert_eq!(rows.len(), 14);
+        assert!(rows.iter().all(|r| r.as_array().unwrap().len() == 14));
+    }
+    let stats = &lines[4];
+    assert_eq!(stats["tokens"], 4 * 196);
+    let hist: u64 = stats["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(hist, 4 * 196);
+    let used = stats["used_codes"].as_u64().unwrap();
+    assert_eq!(used + stats["unused_codes"].as_u64().unwrap(), 64);
+    let ppl = stats["perplexity"].as_f64().unwrap();
+    assert!(ppl >= 1.0 && ppl <= used as f64, "{ppl}");
+}

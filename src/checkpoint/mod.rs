@@ -290,10 +290,34 @@ pub fn adapt_to_config(
         *v = Tensor::from_vec(resized, (dst_rows, heads), &Device::Cpu)?;
         tracing::debug!("{file}: resized '{k}' from {rows} to {dst_rows} rows ({interp:?})");
     }
-    let expected = expected_weights(cfg)?;
+    strict_check(&file.to_string(), &t, &expected_weights(cfg)?)?;
+    Ok(to_f32(t)?)
+}
+
+/// Converts every tensor to f32 (checkpoints may hold f16 / bf16 / f64).
+pub fn to_f32(t: BTreeMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    t.into_iter()
+        .map(|(k, v)| {
+            let v = if v.dtype() == DType::F32 {
+                v
+            } else {
+                v.to_dtype(DType::F32)?
+            };
+            Ok((k, v))
+        })
+        .collect()
+}
+
+/// Compares a state dict with the weights a model expects and fails with
+/// every wrong-shape, missing and unexpected key named (with shapes).
+pub fn strict_check(
+    file: &str,
+    t: &BTreeMap<String, Tensor>,
+    expected: &[(String, Vec<usize>)],
+) -> Result<()> {
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
-    for (name, shape) in &expected {
+    for (name, shape) in expected {
         match t.get(name) {
             None => missing.push(format!("{name} {}", dims_str(shape))),
             Some(v) if v.dims() != shape.as_slice() => wrong.push(format!(
@@ -309,39 +333,30 @@ pub fn adapt_to_config(
         .filter(|(k, _)| !expected.iter().any(|(n, _)| n == *k))
         .map(|(k, v)| format!("{k} {}", dims_str(v.dims())))
         .collect();
-    if !(missing.is_empty() && wrong.is_empty() && unexpected.is_empty()) {
-        let mut msg = format!("{file} does not fit the model");
-        for (what, list) in [
-            ("wrong shape", &wrong),
-            ("missing", &missing),
-            ("unexpected", &unexpected),
-        ] {
-            if !list.is_empty() {
-                let shown: Vec<&str> = list.iter().take(12).map(String::as_str).collect();
-                let more = if list.len() > 12 {
-                    format!(" … and {} more", list.len() - 12)
-                } else {
-                    String::new()
-                };
-                msg.push_str(&format!(
-                    "\n  {what} ({}): {}{more}",
-                    list.len(),
-                    shown.join("; ")
-                ));
-            }
-        }
-        bail!(msg);
+    if missing.is_empty() && wrong.is_empty() && unexpected.is_empty() {
+        return Ok(());
     }
-    t.into_iter()
-        .map(|(k, v)| {
-            let v = if v.dtype() == DType::F32 {
-                v
+    let mut msg = format!("{file} does not fit the model");
+    for (what, list) in [
+        ("wrong shape", &wrong),
+        ("missing", &missing),
+        ("unexpected", &unexpected),
+    ] {
+        if !list.is_empty() {
+            let shown: Vec<&str> = list.iter().take(12).map(String::as_str).collect();
+            let more = if list.len() > 12 {
+                format!(" … and {} more", list.len() - 12)
             } else {
-                v.to_dtype(DType::F32)?
+                String::new()
             };
-            Ok((k, v))
-        })
-        .collect()
+            msg.push_str(&format!(
+                "\n  {what} ({}): {}{more}",
+                list.len(),
+                shown.join("; ")
+            ));
+        }
+    }
+    bail!(msg)
 }
 
 /// How to pick the model configuration for a checkpoint.
@@ -432,4 +447,120 @@ pub fn save_safetensors(
     let bytes = safetensors::serialize(contiguous.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| anyhow::anyhow!("serialising {}: {e}", path.display()))?;
     crate::util::write_atomic(path, &bytes)
+}
+
+/// Maps a tokenizer key to unilm's names: mmpretrain's encoder keys
+/// (`encoder.layers.N.ln1`, `encoder.ln1` = the per-token final norm) are
+/// renamed; unilm keys pass through.
+fn vqkd_key(k: &str) -> String {
+    match k.strip_prefix("encoder.") {
+        Some(rest) if rest.starts_with("layers.") || rest.starts_with("patch_embed.projection") => {
+            format!("encoder.{}", mmpretrain_to_timm(rest))
+        }
+        Some(rest) if rest.starts_with("ln1.") => format!("encoder.fc_norm.{}", &rest[4..]),
+        _ => k.to_string(),
+    }
+}
+
+/// Reads the tensors of a tokenizer checkpoint (unilm `vqkd_encoder_*` or
+/// mmpretrain `vqkd_encoder.pth`) under unilm's names, without the teacher,
+/// the scaling layer and the quantizer's statistics.
+pub fn read_vqkd_state(path: &Path) -> Result<StateDict> {
+    let mut sd = read_state_dict(path)?;
+    if let Some(initted) = sd.tensors.get("quantize.embedding.initted") {
+        let v = initted
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if v.first().is_some_and(|&x| x == 0.0) {
+            bail!(
+                "{}: the codebook was never initialised (quantize.embedding.initted = 0)",
+                path.display()
+            );
+        }
+    }
+    sd.tensors = std::mem::take(&mut sd.tensors)
+        .into_iter()
+        .filter(|(k, _)| {
+            !(k.starts_with("teacher")
+                || k.starts_with("scaling_layer")
+                || k.starts_with("loss")
+                || (k.starts_with("quantize.") && k != "quantize.embedding.weight"))
+        })
+        .map(|(k, v)| (vqkd_key(&k), v))
+        .collect();
+    Ok(sd)
+}
+
+/// Infers a tokenizer's shapes from its tensors. Heads are not visible in
+/// the weights: a head width of 64 (every released BEiT) is assumed.
+pub fn infer_vqkd_config(sd: &StateDict) -> Result<crate::model::vqkd::VqkdConfig> {
+    let t = &sd.tensors;
+    let shape = |k: &str| {
+        t.get(k).map(|v| v.dims().to_vec()).with_context(|| {
+            format!(
+                "{}: no '{k}'; is this a VQ-KD tokenizer?",
+                sd.path.display()
+            )
+        })
+    };
+    let blocks = |prefix: &str| {
+        t.keys()
+            .filter_map(|k| {
+                k.strip_prefix(prefix)?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1)
+    };
+    let cls = shape("encoder.cls_token")?;
+    let pe = shape("encoder.patch_embed.proj.weight")?;
+    let pos = shape("encoder.pos_embed")?;
+    let book = shape("quantize.embedding.weight")?;
+    let fc1 = shape("encoder.blocks.0.mlp.fc1.weight")?;
+    let embed_dim = cls[2];
+    let grid = ((pos[1] - 1) as f64).sqrt().round() as usize;
+    let decoder_depth = blocks("decoder.blocks.");
+    let decoder_out_dim = match decoder_depth {
+        0 => 0,
+        _ => shape("decode_task_layer.2.weight")?[0],
+    };
+    Ok(crate::model::vqkd::VqkdConfig {
+        img_size: grid * pe[2],
+        patch_size: pe[2],
+        embed_dim,
+        depth: blocks("encoder.blocks."),
+        num_heads: (embed_dim / 64).max(1),
+        mlp_ratio: fc1[0] as f64 / embed_dim as f64,
+        code_dim: book[1],
+        n_codes: book[0],
+        decoder_depth,
+        decoder_out_dim,
+    })
+}
+
+/// Loads a tokenizer. With `cfg` given, the checkpoint must match it exactly
+/// (a different codebook size or dimension is refused with both shapes);
+/// a decoder in the file is ignored when `cfg.decoder_depth` is 0.
+pub fn load_vqkd(
+    path: &Path,
+    cfg: Option<crate::model::vqkd::VqkdConfig>,
+) -> Result<crate::model::vqkd::Vqkd> {
+    use crate::model::vqkd::Vqkd;
+    let mut sd = read_vqkd_state(path)?;
+    let cfg = match cfg {
+        Some(c) => c,
+        None => infer_vqkd_config(&sd)?,
+    };
+    if cfg.decoder_depth == 0 {
+        sd.tensors
+            .retain(|k, _| !(k.starts_with("decoder.") || k.starts_with("decode_task_layer.")));
+    }
+    let expected = crate::model::record_weights(|vb| Vqkd::new(&cfg, vb).map(|_| ()))?;
+    strict_check(&path.display().to_string(), &sd.tensors, &expected)?;
+    let vb = VarBuilder::from_tensors(to_f32(sd.tensors)?, DType::F32, &Device::Cpu);
+    Vqkd::new(&cfg, vb).with_context(|| format!("building the tokenizer from {}", path.display()))
 }

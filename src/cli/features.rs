@@ -61,30 +61,50 @@ fn extract(model: &Beit, x: &Tensor, kind: Kind, layers: &[i64]) -> Result<Vec<T
     (0..b).map(|i| Ok(per_batch.i(i)?.contiguous()?)).collect()
 }
 
-/// A NumPy `.npy` v1.0 file of little-endian f32.
-fn npy_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+/// A NumPy `.npy` v1.0 file holding `t` (f32 or i64, little-endian).
+fn npy_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let (descr, data): (&str, Vec<u8>) = match t.dtype() {
+        candle_core::DType::F32 => (
+            "<f4",
+            t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        candle_core::DType::I64 => (
+            "<i8",
+            t.flatten_all()?
+                .to_vec1::<i64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        other => bail!("cannot write {other:?} tensors as .npy"),
+    };
+    let dims: Vec<String> = t.dims().iter().map(|d| d.to_string()).collect();
     let shape_str = if dims.len() == 1 {
         format!("({},)", dims[0])
     } else {
         format!("({})", dims.join(", "))
     };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_str}, }}");
     // Magic (6) + version (2) + header length (2) + header, padded to 64 bytes with '\n' last.
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
+    out.extend_from_slice(&data);
+    Ok(out)
 }
 
-fn write_output(path: &Path, names: &[String], feats: &[Tensor]) -> Result<()> {
+/// Writes one tensor per image: safetensors keyed by path, or one stacked
+/// `.npy` array with the paths in `<name>.paths.txt` beside it.
+pub(super) fn write_output(path: &Path, names: &[String], feats: &[Tensor]) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
         "safetensors" => {
@@ -99,8 +119,7 @@ fn write_output(path: &Path, names: &[String], feats: &[Tensor]) -> Result<()> {
         }
         "npy" => {
             let stacked = Tensor::stack(feats, 0)?;
-            let data = stacked.flatten_all()?.to_vec1::<f32>()?;
-            crate::util::write_atomic(path, &npy_bytes(stacked.dims(), &data))?;
+            crate::util::write_atomic(path, &npy_bytes(&stacked)?)?;
             let list = path.with_extension("paths.txt");
             crate::util::write_atomic(&list, (names.join("\n") + "\n").as_bytes())
                 .with_context(|| format!("writing the path list {}", list.display()))
@@ -162,7 +181,12 @@ mod tests {
 
     #[test]
     fn npy_header_is_aligned_and_parsable() {
-        let b = npy_bytes(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let t = Tensor::new(
+            &[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let b = npy_bytes(&t).unwrap();
         assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
         let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
         assert_eq!((10 + hlen) % 64, 0);
@@ -170,7 +194,10 @@ mod tests {
         assert!(header.contains("'shape': (2, 3)") && header.ends_with('\n'));
         assert_eq!(b.len(), 10 + hlen + 24);
         assert_eq!(&b[10 + hlen..10 + hlen + 4], &1.0f32.to_le_bytes());
-        let one = npy_bytes(&[4], &[0.0; 4]);
-        assert!(std::str::from_utf8(&one[10..74]).unwrap().contains("(4,)"));
+        let ids = Tensor::new(&[0i64, 1, 2, 3], &candle_core::Device::Cpu).unwrap();
+        let one = npy_bytes(&ids).unwrap();
+        let h = std::str::from_utf8(&one[10..74]).unwrap();
+        assert!(h.contains("(4,)") && h.contains("<i8"), "{h}");
+        assert_eq!(&one[74 + 8..74 + 16], &1i64.to_le_bytes());
     }
 }

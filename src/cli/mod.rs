@@ -6,6 +6,7 @@ mod convert;
 mod features;
 mod info;
 mod inputs;
+mod tokenize;
 mod train;
 
 use crate::checkpoint::{self, LoadOptions};
@@ -41,6 +42,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Measure inference throughput and peak memory with random weights.
     Bench(bench::BenchArgs),
+    /// Encode images into VQ-KD visual tokens (and codebook usage statistics).
+    Tokenize(tokenize::TokenizeArgs),
     /// Fine-tune a BEiT on a labelled dataset (recipe TOML + overrides).
     Finetune(train::RecipeArgs),
     /// Train a linear head on frozen BEiT features.
@@ -174,6 +177,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Finetune(a) => train::finetune(a),
         Command::Linprobe(a) => train::linprobe(a),
         Command::Eval(a) => train::eval(a),

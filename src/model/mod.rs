@@ -5,6 +5,7 @@ pub mod backbone;
 pub mod config;
 pub mod layers;
 pub mod rel_pos;
+pub mod vqkd;
 
 pub use backbone::{Beit, Intermediate, mean_patch_tokens};
 pub use config::{BeitConfig, GlobalPool, RelPosBias};
@@ -47,14 +48,22 @@ impl SimpleBackend for &ShapeRecorder {
     }
 }
 
+/// Every weight that `build` asks its VarBuilder for, with its shape, in order.
+pub fn record_weights(
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+    let rec = ShapeRecorder::default();
+    build(VarBuilder::from_backend(
+        Box::new(&rec),
+        DType::F32,
+        Device::Cpu,
+    ))?;
+    Ok(rec.seen.into_inner().unwrap_or_default())
+}
+
 /// Every weight the model for `cfg` needs, with its shape, in construction order.
 pub fn expected_weights(cfg: &BeitConfig) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
-    let rec = ShapeRecorder::default();
-    Beit::new(
-        cfg,
-        VarBuilder::from_backend(Box::new(&rec), DType::F32, Device::Cpu),
-    )?;
-    Ok(rec.seen.into_inner().unwrap_or_default())
+    record_weights(|vb| Beit::new(cfg, vb).map(|_| ()))
 }
 
 /// Number of learnable parameters (index buffers are not parameters).

@@ -521,9 +521,10 @@ pub fn train(
                 "kind": "val", "step": progress.step, "epoch": epoch + 1,
                 "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n,
             }))?;
-            if r.top1 > progress.best_top1 {
+            let best_path = out.join("model-best.safetensors");
+            if r.top1 > progress.best_top1 || !best_path.exists() {
                 progress.best_top1 = r.top1;
-                task.export(&out.join("model-best.safetensors"))?;
+                task.export(&best_path)?;
             }
             last_eval = Some(r);
         }
