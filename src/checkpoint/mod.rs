@@ -27,7 +27,12 @@ pub struct StateDict {
     pub tensors: BTreeMap<String, Tensor>,
     /// The model config stored by `beitv2 convert`, when present.
     pub config: Option<BeitConfig>,
+    /// The safetensors metadata (empty for PyTorch files).
+    pub metadata: HashMap<String, String>,
 }
+
+/// Metadata key under which tokenizer safetensors carry their shapes (JSON).
+pub const VQKD_CONFIG_METADATA_KEY: &str = "beitv2_vqkd_config";
 
 enum FileKind {
     Safetensors,
@@ -63,7 +68,7 @@ fn sniff(path: &Path) -> Result<FileKind> {
 /// Named tensors in file order.
 type NamedTensors = Vec<(String, Tensor)>;
 
-fn read_safetensors(path: &Path) -> Result<(NamedTensors, Option<BeitConfig>)> {
+fn read_safetensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open checkpoint {}", path.display()))?;
     // SAFETY: the file is only read; a concurrent writer could change the bytes
@@ -74,23 +79,14 @@ fn read_safetensors(path: &Path) -> Result<(NamedTensors, Option<BeitConfig>)> {
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
-    let config = match meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(CONFIG_METADATA_KEY))
-    {
-        Some(json) => Some(serde_json::from_str(json).with_context(|| {
-            format!("the model config stored in {} is not valid", path.display())
-        })?),
-        None => None,
-    };
+    let metadata = meta.metadata().clone().unwrap_or_default();
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
             .with_context(|| format!("cannot read tensor '{name}' from {}", path.display()))?;
         out.push((name, t));
     }
-    Ok((out, config))
+    Ok((out, metadata))
 }
 
 fn read_torch(path: &Path) -> Result<NamedTensors> {
@@ -107,9 +103,15 @@ fn read_torch(path: &Path) -> Result<NamedTensors> {
 
 /// Reads a checkpoint of any supported format and renames its keys to timm's.
 pub fn read_state_dict(path: &Path) -> Result<StateDict> {
-    let (raw, config) = match sniff(path)? {
+    let (raw, metadata) = match sniff(path)? {
         FileKind::Safetensors => read_safetensors(path)?,
-        FileKind::TorchZip | FileKind::LegacyPickle => (read_torch(path)?, None),
+        FileKind::TorchZip | FileKind::LegacyPickle => (read_torch(path)?, HashMap::new()),
+    };
+    let config = match metadata.get(CONFIG_METADATA_KEY) {
+        Some(json) => Some(serde_json::from_str(json).with_context(|| {
+            format!("the model config stored in {} is not valid", path.display())
+        })?),
+        None => None,
     };
     // DataParallel / DDP wrappers prefix every key with `module.`.
     let strip_module = raw.iter().all(|(k, _)| k.starts_with("module."));
@@ -131,6 +133,7 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
         path: path.to_path_buf(),
         tensors,
         config,
+        metadata,
     })
 }
 
@@ -551,9 +554,16 @@ pub fn load_vqkd(
 ) -> Result<crate::model::vqkd::Vqkd> {
     use crate::model::vqkd::Vqkd;
     let mut sd = read_vqkd_state(path)?;
-    let cfg = match cfg {
-        Some(c) => c,
-        None => infer_vqkd_config(&sd)?,
+    let stored = sd.metadata.get(VQKD_CONFIG_METADATA_KEY);
+    let cfg = match (cfg, stored) {
+        (Some(c), _) => c,
+        (None, Some(json)) => serde_json::from_str(json).with_context(|| {
+            format!(
+                "the tokenizer config stored in {} is not valid",
+                path.display()
+            )
+        })?,
+        (None, None) => infer_vqkd_config(&sd)?,
     };
     if cfg.decoder_depth == 0 {
         sd.tensors

@@ -44,6 +44,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Encode images into VQ-KD visual tokens (and codebook usage statistics).
     Tokenize(tokenize::TokenizeArgs),
+    /// Train a VQ-KD tokenizer by distilling a teacher (CLIP or a BEiT).
+    TrainTokenizer(train::TrainTokenizerArgs),
     /// Fine-tune a BEiT on a labelled dataset (recipe TOML + overrides).
     Finetune(train::RecipeArgs),
     /// Train a linear head on frozen BEiT features.
@@ -178,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::TrainTokenizer(a) => train::train_tokenizer(a),
         Command::Finetune(a) => train::finetune(a),
         Command::Linprobe(a) => train::linprobe(a),
         Command::Eval(a) => train::eval(a),

@@ -4,7 +4,7 @@
 use super::{finish_batch, inputs, progress};
 use crate::checkpoint::load_vqkd;
 use crate::data::{EvalTransform, load_batch};
-use crate::model::vqkd::{Vqkd, VqkdConfig};
+use crate::model::vqkd::{CodeUsage as Usage, Vqkd, VqkdConfig};
 use crate::train::plot::{Chart, Series, save_png};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -48,38 +48,6 @@ pub struct TokenizeArgs {
     /// Image files, folders or globs.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-}
-
-/// Codebook usage over a set of token ids.
-pub struct Usage {
-    pub counts: Vec<u64>,
-}
-
-impl Usage {
-    pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-    pub fn unused(&self) -> usize {
-        self.counts.iter().filter(|&&c| c == 0).count()
-    }
-    /// `exp(entropy)` of the empirical code distribution: the number of
-    /// equally used codes that would give the same entropy.
-    pub fn perplexity(&self) -> f64 {
-        let n = self.total() as f64;
-        if n == 0.0 {
-            return 0.0;
-        }
-        let h: f64 = self
-            .counts
-            .iter()
-            .filter(|&&c| c > 0)
-            .map(|&c| {
-                let p = c as f64 / n;
-                -p * p.ln()
-            })
-            .sum();
-        h.exp()
-    }
 }
 
 fn load(args: &TokenizeArgs) -> Result<Vqkd> {
@@ -201,22 +169,4 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
     }
     out.flush()?;
     finish_batch(&failures, paths.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn perplexity_by_hand() {
-        let u = Usage {
-            counts: vec![5, 5, 0, 0],
-        };
-        assert!((u.perplexity() - 2.0).abs() < 1e-12);
-        assert_eq!(u.unused(), 2);
-        let one = Usage {
-            counts: vec![0, 7, 0],
-        };
-        assert!((one.perplexity() - 1.0).abs() < 1e-12);
-    }
 }

@@ -236,3 +236,29 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct TrainTokenizerArgs {
+    /// Tokenizer recipe (TOML); default: unilm's ViT-B/16 + CLIP recipe.
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    /// Override a recipe key, e.g. --set quantizer.restart_every=100 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Start afresh even if the output folder holds checkpoints.
+    #[arg(long)]
+    pub no_resume: bool,
+}
+
+pub fn train_tokenizer(args: TrainTokenizerArgs) -> Result<()> {
+    use crate::train::tokenizer::{TokenizerRecipe, train_tokenizer};
+    let recipe = TokenizerRecipe::load(args.recipe.as_deref(), &args.overrides)?;
+    let t0 = std::time::Instant::now();
+    let path = train_tokenizer(&recipe, !args.no_resume)?;
+    eprintln!(
+        "finished in {:.1} min; tokenizer: {}",
+        t0.elapsed().as_secs_f64() / 60.0,
+        path.display()
+    );
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod backbone;
+pub mod clip;
 pub mod config;
 pub mod layers;
 pub mod rel_pos;

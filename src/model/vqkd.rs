@@ -265,3 +265,117 @@ impl Vqkd {
         task.forward(&Self::patch_tokens(dec, &grid)?)
     }
 }
+
+/// Counts of each code among `ids` (length `n_codes`).
+pub fn code_counts(ids: &[u32], n_codes: usize) -> Vec<u64> {
+    let mut c = vec![0u64; n_codes];
+    for &i in ids {
+        c[i as usize] += 1;
+    }
+    c
+}
+
+/// Mean of the samples assigned to each code, L2-normalised; codes with no
+/// sample keep `fallback`'s row. `z`: (M, d), `ids`: M assignments.
+fn normalized_means(z: &Tensor, ids: &[u32], bins: &[u64], fallback: &Tensor) -> Result<Tensor> {
+    let k = bins.len();
+    let m = ids.len();
+    let mut onehot = vec![0f32; m * k];
+    for (row, &i) in ids.iter().enumerate() {
+        onehot[row * k + i as usize] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (m, k), z.device())?;
+    let embed_sum = z.t()?.matmul(&onehot)?; // (d, K)
+    let denom: Vec<f32> = bins.iter().map(|&b| b.max(1) as f32).collect();
+    let denom = Tensor::from_vec(denom, (1, k), z.device())?;
+    let means = l2_normalize(&embed_sum.broadcast_div(&denom)?.t()?)?;
+    let used: Vec<u8> = bins.iter().map(|&b| u8::from(b > 0)).collect();
+    let used = Tensor::from_vec(used, (k, 1), z.device())?.broadcast_as(means.shape())?;
+    used.where_cond(&means, fallback)
+}
+
+/// The NormEMA codebook update of one batch (spec E.4): used codes move to
+/// `normalize(decay·e + (1−decay)·normalize(mean of their samples))`, unused
+/// codes only get re-normalised. Returns the new codebook and the counts.
+pub fn ema_update(
+    codebook: &Tensor,
+    z: &Tensor,
+    ids: &[u32],
+    decay: f64,
+) -> Result<(Tensor, Vec<u64>)> {
+    let bins = code_counts(ids, codebook.dim(0)?);
+    let target = normalized_means(z, ids, &bins, codebook)?;
+    let mixed = ((codebook * decay)? + (target * (1.0 - decay))?)?;
+    Ok((l2_normalize(&mixed)?, bins))
+}
+
+/// Spherical k-means (cosine similarity) from the given initial samples,
+/// as unilm's `kmeans(..., use_cosine_sim=True)`: assign each sample to the
+/// most similar mean, replace each used mean by the normalised mean of its
+/// samples, keep unused means. Returns the means and the last counts.
+pub fn kmeans(samples: &Tensor, init: &[usize], iters: usize) -> Result<(Tensor, Vec<u64>)> {
+    let idx = Tensor::from_vec(
+        init.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        init.len(),
+        samples.device(),
+    )?;
+    let mut means = samples.index_select(&idx, 0)?;
+    let mut bins = vec![0; init.len()];
+    for _ in 0..iters {
+        let sim = samples.matmul(&means.t()?)?;
+        let ids = sim.argmax(1)?.to_vec1::<u32>()?;
+        bins = code_counts(&ids, init.len());
+        means = normalized_means(samples, &ids, &bins, &means)?;
+    }
+    Ok((means, bins))
+}
+
+/// Codebook usage over a set of token ids.
+pub struct CodeUsage {
+    pub counts: Vec<u64>,
+}
+
+impl CodeUsage {
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+    pub fn unused(&self) -> usize {
+        self.counts.iter().filter(|&&c| c == 0).count()
+    }
+    /// `exp(entropy)` of the empirical code distribution: the number of
+    /// equally used codes that would give the same entropy.
+    pub fn perplexity(&self) -> f64 {
+        let n = self.total() as f64;
+        if n == 0.0 {
+            return 0.0;
+        }
+        let h: f64 = self
+            .counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| {
+                let p = c as f64 / n;
+                -p * p.ln()
+            })
+            .sum();
+        h.exp()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perplexity_by_hand() {
+        let u = CodeUsage {
+            counts: vec![5, 5, 0, 0],
+        };
+        assert!((u.perplexity() - 2.0).abs() < 1e-12);
+        assert_eq!(u.unused(), 2);
+        let one = CodeUsage {
+            counts: vec![0, 7, 0],
+        };
+        assert!((one.perplexity() - 1.0).abs() < 1e-12);
+    }
+}

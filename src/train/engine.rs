@@ -144,7 +144,7 @@ pub fn evaluate(
     })
 }
 
-fn report_failures(b: &Batch) -> usize {
+pub(crate) fn report_failures(b: &Batch) -> usize {
     for (name, e) in &b.failures {
         tracing::warn!("skipped {name}: {e:#}");
     }
@@ -152,16 +152,24 @@ fn report_failures(b: &Batch) -> usize {
 }
 
 /// Seeds derived from the run seed, independent of scheduling.
-fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
+pub(crate) fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(step + 1))
 }
 
 const STATE_KEY: &str = "beitv2_train_state";
 
-/// Writes the full training state (trainable tensors, Adam moments, progress)
-/// atomically.
-fn save_state(path: &Path, opt: &AdamW, progress: &Progress) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+/// Writes the full training state (trainable tensors, Adam moments, other
+/// state tensors such as a codebook, progress) atomically.
+pub(crate) fn save_state(
+    path: &Path,
+    opt: &AdamW,
+    progress: &Progress,
+    buffers: &[(String, Tensor)],
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = buffers
+        .iter()
+        .map(|(k, t)| (format!("buffer.{k}"), t.clone()))
+        .collect();
     for p in &opt.params {
         tensors.push((format!("param.{}", p.name), p.var.as_tensor().detach()));
         tensors.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
@@ -176,8 +184,12 @@ fn save_state(path: &Path, opt: &AdamW, progress: &Progress) -> Result<()> {
     crate::util::write_atomic(path, &bytes)
 }
 
-/// Restores a state written by [`save_state`] into `opt`; returns the progress.
-fn load_state(path: &Path, opt: &mut AdamW) -> Result<Progress> {
+/// Restores a state written by [`save_state`] into `opt`; returns the
+/// progress and the other state tensors by name.
+pub(crate) fn load_state(
+    path: &Path,
+    opt: &mut AdamW,
+) -> Result<(Progress, HashMap<String, Tensor>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a training checkpoint", path.display()))?;
@@ -217,7 +229,11 @@ fn load_state(path: &Path, opt: &mut AdamW) -> Result<Progress> {
         p.exp_avg = get("exp_avg")?;
         p.exp_avg_sq = get("exp_avg_sq")?;
     }
-    Ok(progress)
+    let buffers = t
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("buffer.")?.to_string(), v.clone())))
+        .collect();
+    Ok((progress, buffers))
 }
 
 fn checkpoint_name(step: u64) -> String {
@@ -225,8 +241,19 @@ fn checkpoint_name(step: u64) -> String {
 }
 
 /// Saves the state as `step-N` in `dir` and removes all but the newest `keep`.
-fn checkpoint(dir: &Path, opt: &AdamW, progress: &Progress, keep: usize) -> Result<()> {
-    save_state(&dir.join(checkpoint_name(progress.step)), opt, progress)?;
+pub(crate) fn checkpoint(
+    dir: &Path,
+    opt: &AdamW,
+    progress: &Progress,
+    buffers: &[(String, Tensor)],
+    keep: usize,
+) -> Result<()> {
+    save_state(
+        &dir.join(checkpoint_name(progress.step)),
+        opt,
+        progress,
+        buffers,
+    )?;
     prune_checkpoints(dir, keep)
 }
 
@@ -263,13 +290,13 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
 
 /// Appends JSON lines to `metrics.jsonl`; on resume, lines after the resumed
 /// step are dropped so the log matches an uninterrupted run.
-struct MetricsLog {
+pub(crate) struct MetricsLog {
     path: PathBuf,
     records: Vec<serde_json::Value>,
 }
 
 impl MetricsLog {
-    fn open(path: PathBuf, resume_step: Option<u64>) -> Result<Self> {
+    pub(crate) fn open(path: PathBuf, resume_step: Option<u64>) -> Result<Self> {
         let mut records = Vec::new();
         if let (Some(step), Ok(text)) = (resume_step, std::fs::read_to_string(&path)) {
             records = text
@@ -288,7 +315,7 @@ impl MetricsLog {
         crate::util::write_atomic(&self.path, text.as_bytes())
     }
 
-    fn push(&mut self, v: serde_json::Value) -> Result<()> {
+    pub(crate) fn push(&mut self, v: serde_json::Value) -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
@@ -298,7 +325,7 @@ impl MetricsLog {
         Ok(())
     }
 
-    fn series(&self, kind: &str, key: &str) -> Vec<(f64, f64)> {
+    pub(crate) fn series(&self, kind: &str, key: &str) -> Vec<(f64, f64)> {
         self.records
             .iter()
             .filter(|r| r["kind"] == kind)
@@ -391,7 +418,7 @@ pub fn train(
     let mut opt = AdamW::new(task.trainable(), task.depth(), recipe.optim.clone())?;
     let mut progress = Progress::default();
     if resume && let Some(ck) = latest_checkpoint(out) {
-        progress = load_state(&ck, &mut opt)?;
+        progress = load_state(&ck, &mut opt)?.0;
         tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
     }
     let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(progress.step))?;
@@ -496,7 +523,7 @@ pub fn train(
             pb.set_message(format!("epoch {} loss {loss_acc:.4}", epoch + 1));
             loss_acc = 0.0;
             if recipe.run.ckpt_every > 0 && progress.step % recipe.run.ckpt_every as u64 == 0 {
-                checkpoint(&ckpt_dir, &opt, &progress, recipe.run.keep_last)?;
+                checkpoint(&ckpt_dir, &opt, &progress, &[], recipe.run.keep_last)?;
             }
         }
         pb.finish_and_clear();
@@ -528,7 +555,7 @@ pub fn train(
             }
             last_eval = Some(r);
         }
-        checkpoint(&ckpt_dir, &opt, &progress, recipe.run.keep_last)?;
+        checkpoint(&ckpt_dir, &opt, &progress, &[], recipe.run.keep_last)?;
         task.export(&out.join("model-last.safetensors"))?;
     }
     log.plot(&out.join("curves.png"))?;

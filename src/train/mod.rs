@@ -6,3 +6,4 @@ pub mod optim;
 pub mod plot;
 pub mod recipe;
 pub mod tasks;
+pub mod tokenizer;

@@ -25,11 +25,13 @@ pub fn layer_id(name: &str, depth: usize) -> usize {
 }
 
 /// No weight decay for 1-D parameters (biases, norms, layer-scale γ, q/v
-/// biases), tokens, position embeddings and relative-position tables.
+/// biases), tokens, position embeddings and relative-position tables (also
+/// inside a sub-model, e.g. `encoder.pos_embed` of a tokenizer).
 pub fn decays(name: &str, rank: usize) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
     !(rank <= 1
         || name.ends_with(".bias")
-        || matches!(name, "cls_token" | "mask_token" | "pos_embed")
+        || matches!(last, "cls_token" | "mask_token" | "pos_embed")
         || name.ends_with("relative_position_bias_table"))
 }
 
@@ -203,6 +205,8 @@ mod tests {
         assert!(!decays("cls_token", 3));
         assert!(!decays("blocks.3.attn.relative_position_bias_table", 2));
         assert!(!decays("fc_norm.weight", 1));
+        assert!(!decays("encoder.pos_embed", 3));
+        assert!(decays("encoder.blocks.0.mlp.fc1.weight", 2));
     }
 
     #[test]

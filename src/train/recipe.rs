@@ -137,6 +137,26 @@ fn parse_value(v: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(v.to_string()))
 }
 
+/// Applies `section.key=value` overrides to a recipe table (values parsed
+/// as TOML, bare strings accepted).
+pub fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<()> {
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .with_context(|| format!("override '{o}' is not of the form section.key=value"))?;
+        let (section, field) = key
+            .split_once('.')
+            .with_context(|| format!("override key '{key}' is not of the form section.key"))?;
+        table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("recipe section '{section}' is not a table"))?
+            .insert(field.to_string(), parse_value(value));
+    }
+    Ok(())
+}
+
 impl Recipe {
     /// The shipped BEiT v2 base fine-tuning recipe (mmpretrain
     /// `beit-base-p16_8xb128-coslr-100e_in1k`).
@@ -160,24 +180,16 @@ impl Recipe {
         };
         check_keys(&table, &reference, &origin)?;
         for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .with_context(|| format!("override '{o}' is not of the form section.key=value"))?;
-            let (section, field) = key
-                .split_once('.')
-                .with_context(|| format!("override key '{key}' is not of the form section.key"))?;
-            let mut probe = toml::Table::new();
-            let mut inner = toml::Table::new();
-            inner.insert(field.to_string(), toml::Value::Boolean(true));
-            probe.insert(section.to_string(), toml::Value::Table(inner));
-            check_keys(&probe, &reference, "--set")?;
-            table
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .with_context(|| format!("recipe section '{section}' is not a table"))?
-                .insert(field.to_string(), parse_value(value));
+            let (key, _) = o.split_once('=').unwrap_or((o, ""));
+            if let Some((section, field)) = key.split_once('.') {
+                let mut inner = toml::Table::new();
+                inner.insert(field.to_string(), toml::Value::Boolean(true));
+                let mut probe = toml::Table::new();
+                probe.insert(section.to_string(), toml::Value::Table(inner));
+                check_keys(&probe, &reference, "--set")?;
+            }
         }
+        apply_overrides(&mut table, overrides)?;
         let mut recipe: Recipe = toml::Value::Table(table)
             .try_into()
             .with_context(|| format!("invalid recipe {origin}"))?;
