@@ -24,4 +24,8 @@ $bin linprobe --recipe recipes/fashion-mnist.toml --weights $out/model-best.safe
     --set optim.lr=1e-2 --set optim.weight_decay=1e-4 --set model.drop_path_rate=0.0
 $bin classify --weights $out/model-best.safetensors --labels assets/fashion-mnist/classes.txt \
     --top-k 3 assets/fashion-mnist
-echo "curves: $out/curves.png, $out-linprobe/curves.png; metrics: $out/metrics.jsonl"
+$bin train-tokenizer --recipe recipes/fashion-mnist-tokenizer.toml \
+    --set teacher.weights="\"$out/model-best.safetensors\"" --set run.output="\"$out-tokenizer\""
+$bin tokenize --tokenizer $out-tokenizer/tokenizer-last.safetensors --stats \
+    --stats-plot $out-tokenizer/usage.png assets/fashion-mnist | tail -n 1 | cut -c1-200
+echo "curves: $out/curves.png, $out-linprobe/curves.png, $out-tokenizer/curves.png; metrics: $out/metrics.jsonl"

@@ -196,8 +196,10 @@ mod tests {
         assert_eq!(&b[10 + hlen..10 + hlen + 4], &1.0f32.to_le_bytes());
         let ids = Tensor::new(&[0i64, 1, 2, 3], &candle_core::Device::Cpu).unwrap();
         let one = npy_bytes(&ids).unwrap();
-        let h = std::str::from_utf8(&one[10..74]).unwrap();
+        let hlen = u16::from_le_bytes([one[8], one[9]]) as usize;
+        let h = std::str::from_utf8(&one[10..10 + hlen]).unwrap();
         assert!(h.contains("(4,)") && h.contains("<i8"), "{h}");
-        assert_eq!(&one[74 + 8..74 + 16], &1i64.to_le_bytes());
+        assert_eq!(one.len(), 10 + hlen + 32);
+        assert_eq!(&one[10 + hlen + 8..10 + hlen + 16], &1i64.to_le_bytes());
     }
 }
