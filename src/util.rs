@@ -25,7 +25,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()
             .with_context(|| format!("cannot sync {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+        // Persist the rename itself; best effort (not every filesystem allows it).
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

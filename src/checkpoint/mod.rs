@@ -137,8 +137,25 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
     })
 }
 
-fn shape_of(t: &Tensor) -> Vec<usize> {
-    t.dims().to_vec()
+/// The shape of `t[k]`, which must have `rank` axes.
+fn shape_with_rank(
+    t: &BTreeMap<String, Tensor>,
+    file: &Path,
+    k: &str,
+    rank: usize,
+    missing_hint: &str,
+) -> Result<Vec<usize>> {
+    let v = t
+        .get(k)
+        .with_context(|| format!("{}: key '{k}' is missing ({missing_hint})", file.display()))?;
+    if v.rank() != rank {
+        bail!(
+            "{}: '{k}' has shape {}, expected {rank} axes",
+            file.display(),
+            dims_str(v.dims())
+        );
+    }
+    Ok(v.dims().to_vec())
 }
 
 fn dims_str(d: &[usize]) -> String {
@@ -156,16 +173,10 @@ fn dims_str(d: &[usize]) -> String {
 /// (ImageNet mean/std, crop 0.875) is assumed.
 pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
     let t = &sd.tensors;
-    let get = |k: &str| {
-        t.get(k).map(shape_of).with_context(|| {
-            format!(
-                "cannot infer the architecture of {}: key '{k}' is missing (pass --arch or --config)",
-                sd.path.display()
-            )
-        })
-    };
-    let cls = get("cls_token")?;
-    let pe = get("patch_embed.proj.weight")?;
+    let hint = "cannot infer the architecture; pass --arch or --config";
+    let get = |k: &str, rank: usize| shape_with_rank(t, &sd.path, k, rank, hint);
+    let cls = get("cls_token", 3)?;
+    let pe = get("patch_embed.proj.weight", 4)?;
     let embed_dim = *cls.last().unwrap_or(&0);
     let depth = t
         .keys()
@@ -204,7 +215,7 @@ pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
             sd.path.display()
         ),
     };
-    let fc1 = get("blocks.0.mlp.fc1.weight")?;
+    let fc1 = get("blocks.0.mlp.fc1.weight", 2)?;
     let global_pool = if t.contains_key("fc_norm.weight") {
         GlobalPool::Avg
     } else if t.contains_key("norm.weight") {
@@ -216,7 +227,10 @@ pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
     cfg.img_size = [window.0 * patch_size, window.1 * patch_size];
     cfg.patch_size = patch_size;
     cfg.in_chans = in_chans;
-    cfg.num_classes = t.get("head.weight").map(|h| h.dims()[0]).unwrap_or(0);
+    cfg.num_classes = match t.contains_key("head.weight") {
+        true => get("head.weight", 2)?[0],
+        false => 0,
+    };
     cfg.embed_dim = embed_dim;
     cfg.depth = depth;
     cfg.num_heads = num_heads;
@@ -381,12 +395,11 @@ pub fn resolve_config(sd: &StateDict, opts: &LoadOptions) -> Result<BeitConfig> 
         c.clone()
     } else if let Some(arch) = &opts.arch {
         let mut c = BeitConfig::preset(arch)?;
-        if let Some(head) = sd.tensors.get("head.weight") {
-            let rows = head.dims()[0];
-            if rows != c.num_classes {
-                tracing::info!("{}: using its {rows}-class head", sd.path.display());
-                c.num_classes = rows;
-            }
+        if let Some(&rows) = sd.tensors.get("head.weight").and_then(|h| h.dims().first())
+            && rows != c.num_classes
+        {
+            tracing::info!("{}: using its {rows}-class head", sd.path.display());
+            c.num_classes = rows;
         }
         c
     } else if let Some(c) = &sd.config {
@@ -499,14 +512,8 @@ pub fn read_vqkd_state(path: &Path) -> Result<StateDict> {
 /// the weights: a head width of 64 (every released BEiT) is assumed.
 pub fn infer_vqkd_config(sd: &StateDict) -> Result<crate::model::vqkd::VqkdConfig> {
     let t = &sd.tensors;
-    let shape = |k: &str| {
-        t.get(k).map(|v| v.dims().to_vec()).with_context(|| {
-            format!(
-                "{}: no '{k}'; is this a VQ-KD tokenizer?",
-                sd.path.display()
-            )
-        })
-    };
+    let hint = "is this a VQ-KD tokenizer?";
+    let shape = |k: &str, rank: usize| shape_with_rank(t, &sd.path, k, rank, hint);
     let blocks = |prefix: &str| {
         t.keys()
             .filter_map(|k| {
@@ -519,17 +526,17 @@ pub fn infer_vqkd_config(sd: &StateDict) -> Result<crate::model::vqkd::VqkdConfi
             .max()
             .map_or(0, |m| m + 1)
     };
-    let cls = shape("encoder.cls_token")?;
-    let pe = shape("encoder.patch_embed.proj.weight")?;
-    let pos = shape("encoder.pos_embed")?;
-    let book = shape("quantize.embedding.weight")?;
-    let fc1 = shape("encoder.blocks.0.mlp.fc1.weight")?;
+    let cls = shape("encoder.cls_token", 3)?;
+    let pe = shape("encoder.patch_embed.proj.weight", 4)?;
+    let pos = shape("encoder.pos_embed", 3)?;
+    let book = shape("quantize.embedding.weight", 2)?;
+    let fc1 = shape("encoder.blocks.0.mlp.fc1.weight", 2)?;
     let embed_dim = cls[2];
     let grid = ((pos[1] - 1) as f64).sqrt().round() as usize;
     let decoder_depth = blocks("decoder.blocks.");
     let decoder_out_dim = match decoder_depth {
         0 => 0,
-        _ => shape("decode_task_layer.2.weight")?[0],
+        _ => shape("decode_task_layer.2.weight", 2)?[0],
     };
     Ok(crate::model::vqkd::VqkdConfig {
         img_size: grid * pe[2],
@@ -565,6 +572,8 @@ pub fn load_vqkd(
         })?,
         (None, None) => infer_vqkd_config(&sd)?,
     };
+    cfg.validate()
+        .with_context(|| format!("tokenizer shapes for {}", path.display()))?;
     if cfg.decoder_depth == 0 {
         sd.tensors
             .retain(|k, _| !(k.starts_with("decoder.") || k.starts_with("decode_task_layer.")));

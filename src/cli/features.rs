@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 pub enum Kind {
     /// The CLS token after the last block (and the final norm, if the model has one): (C).
     Cls,
-    /// Mean of the patch tokens followed by fc_norm, the classifier's input: (C).
+    /// The classifier's input (C): mean of the patch tokens + fc_norm, or the
+    /// normed CLS token for CLS-pooling models.
     Mean,
     /// All patch tokens after the last block: (N−1, C).
     Patch,
-    /// Raw tokens (CLS first) after each block given by --layers: (layers, N, C).
+    /// Raw tokens (CLS first) after the blocks given by --layers, in block
+    /// order with duplicates removed: (layers, N, C).
     Intermediate,
 }
 
@@ -102,6 +104,18 @@ fn npy_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The output format named by a file's extension (`safetensors` or `npy`).
+pub(super) fn output_kind(path: &Path) -> Result<&'static str> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => Ok("safetensors"),
+        Some("npy") => Ok("npy"),
+        _ => bail!(
+            "{}: output must end in .safetensors or .npy",
+            path.display()
+        ),
+    }
+}
+
 /// Writes one tensor per image: safetensors keyed by path, or one stacked
 /// `.npy` array with the paths in `<name>.paths.txt` beside it.
 pub(super) fn write_output(path: &Path, names: &[String], feats: &[Tensor]) -> Result<()> {
@@ -135,6 +149,7 @@ pub fn run(args: FeaturesArgs) -> Result<()> {
     if args.kind == Kind::Intermediate && args.layers.is_empty() {
         bail!("--kind intermediate needs --layers, e.g. --layers 3,7,11");
     }
+    output_kind(&args.output)?;
     let paths = inputs::expand_paths(&args.paths)?;
     let model = args.model.load()?;
     let transform = args.pre.transform(&model.cfg)?;

@@ -56,6 +56,9 @@ pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if out.is_empty() {
         bail!("no images found in the given paths");
     }
+    // Overlapping arguments (`dir dir/*.jpg`) name a file once.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
     Ok(out)
 }
 

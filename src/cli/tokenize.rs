@@ -6,7 +6,7 @@ use crate::checkpoint::load_vqkd;
 use crate::data::{EvalTransform, load_batch};
 use crate::model::vqkd::{CodeUsage as Usage, Vqkd, VqkdConfig};
 use crate::train::plot::{Chart, Series, save_png};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::{Args, ValueEnum};
 use std::io::Write;
@@ -52,9 +52,14 @@ pub struct TokenizeArgs {
 
 fn load(args: &TokenizeArgs) -> Result<Vqkd> {
     let cfg = match (&args.config, &args.arch) {
-        (Some(p), _) => Some(serde_json::from_str::<VqkdConfig>(
-            &std::fs::read_to_string(p)?,
-        )?),
+        (Some(p), _) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read tokenizer config {}", p.display()))?;
+            Some(
+                serde_json::from_str::<VqkdConfig>(&text)
+                    .with_context(|| format!("parsing tokenizer config {}", p.display()))?,
+            )
+        }
         (None, Some(a)) => Some(VqkdConfig::preset(a)?),
         (None, None) => None,
     };
@@ -62,8 +67,21 @@ fn load(args: &TokenizeArgs) -> Result<Vqkd> {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
-    if args.format != TokenFormat::Json && args.output.is_none() {
-        bail!("--format {:?} needs --output FILE", args.format);
+    match (&args.output, args.format) {
+        (None, TokenFormat::Json) => {}
+        (None, f) => bail!("--format {f:?} needs --output FILE"),
+        (Some(_), TokenFormat::Json) => {
+            bail!("--format json prints to stdout; use --format safetensors|npy with --output")
+        }
+        (Some(p), f) => {
+            let kind = super::features::output_kind(p)?;
+            if kind != format!("{f:?}").to_lowercase() {
+                bail!(
+                    "--format {f:?} does not match the output file {}",
+                    p.display()
+                );
+            }
+        }
     }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");

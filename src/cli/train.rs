@@ -46,6 +46,7 @@ fn eval_transform(cfg: &BeitConfig) -> EvalTransform {
 fn train_transform(recipe: &Recipe, cfg: &BeitConfig, augment: bool) -> Result<TrainTransform> {
     let size = cfg.img_size[0];
     let mut t = TrainTransform::simple(size, cfg.mean, cfg.std);
+    t.rrc.size = (cfg.img_size[0], cfg.img_size[1]);
     t.rrc.scale = (recipe.data.min_crop_scale, 1.0);
     if augment {
         if !recipe.data.rand_augment.is_empty() {
@@ -214,6 +215,9 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut t = eval_transform(&model.cfg);
     let crop_pct = args.crop_pct.unwrap_or(model.cfg.crop_pct);
     if let Some(c) = args.crop_pct {
+        if !(c > 0.0 && c <= 1.0) {
+            bail!("--crop-pct {c} must be in (0, 1]");
+        }
         let [h, w] = model.cfg.img_size;
         t = EvalTransform::from_crop_pct((h, w), c, model.cfg.mean, model.cfg.std);
     }

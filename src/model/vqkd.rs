@@ -65,6 +65,21 @@ impl VqkdConfig {
         })
     }
 
+    /// Checks the invariants the model relies on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.patch_size == 0 || self.code_dim == 0 || self.n_codes == 0 {
+            anyhow::bail!("tokenizer patch_size, code_dim and n_codes must be positive");
+        }
+        self.encoder().validate()?;
+        if self.decoder_depth > 0 {
+            self.decoder().validate()?;
+            if self.decoder_out_dim == 0 {
+                anyhow::bail!("decoder_out_dim must be positive with a decoder");
+            }
+        }
+        Ok(())
+    }
+
     pub fn grid(&self) -> usize {
         self.img_size / self.patch_size
     }

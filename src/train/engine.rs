@@ -31,7 +31,8 @@ pub trait Task {
     fn logits(&self, x: &Tensor, train_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor>;
     /// The trainable variables, by canonical name.
     fn trainable(&self) -> Vec<(String, Var)>;
-    /// Writes a model checkpoint that `beitv2 classify` can load.
+    /// Writes the trained weights: a full model checkpoint that `beitv2
+    /// classify` loads (fine-tuning), or the linear head alone (probing).
     fn export(&self, path: &Path) -> Result<()>;
     /// Input (height, width).
     fn input_hw(&self) -> (usize, usize);
@@ -288,21 +289,49 @@ fn prune_checkpoints(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Appends JSON lines to `metrics.jsonl`; on resume, lines after the resumed
-/// step are dropped so the log matches an uninterrupted run.
+/// Prepares `out/checkpoints`: a fresh run (`resume == false`) removes the
+/// step checkpoints of an earlier run there, so pruning and a later resume
+/// only ever see this run's files.
+pub(crate) fn prepare_checkpoint_dir(out: &Path, resume: bool) -> Result<PathBuf> {
+    let dir = out.join("checkpoints");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if !resume {
+        for e in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+            {
+                std::fs::remove_file(&p)
+                    .with_context(|| format!("cannot remove {}", p.display()))?;
+            }
+        }
+    }
+    Ok(dir)
+}
+
+/// Appends JSON lines to `metrics.jsonl`; on resume, records the resumed run
+/// will write again are dropped so the log matches an uninterrupted run.
 pub(crate) struct MetricsLog {
     path: PathBuf,
     records: Vec<serde_json::Value>,
 }
 
 impl MetricsLog {
-    pub(crate) fn open(path: PathBuf, resume_step: Option<u64>) -> Result<Self> {
+    /// `resume`: the resumed progress; training records up to its step are
+    /// kept, end-of-epoch records (evaluation, usage) at that step only when
+    /// the checkpoint was taken after them (at an epoch boundary).
+    pub(crate) fn open(path: PathBuf, resume: Option<&Progress>) -> Result<Self> {
         let mut records = Vec::new();
-        if let (Some(step), Ok(text)) = (resume_step, std::fs::read_to_string(&path)) {
+        if let (Some(p), Ok(text)) = (resume, std::fs::read_to_string(&path)) {
             records = text
                 .lines()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| v["step"].as_u64().is_some_and(|s| s <= step))
+                .filter(|v| {
+                    v["step"].as_u64().is_some_and(|s| {
+                        s < p.step || (s == p.step && (v["kind"] == "train" || p.batch == 0))
+                    })
+                })
                 .collect();
         }
         let log = Self { path, records };
@@ -380,9 +409,6 @@ pub fn train(
     resume: bool,
 ) -> Result<Option<EvalResult>> {
     let out = &recipe.run.output;
-    let ckpt_dir = out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)
-        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
     let k = task.num_classes();
     train.check_labels(k)?;
     if let Some(v) = &val {
@@ -415,14 +441,18 @@ pub fn train(
     }
     let total = steps_per_epoch * recipe.schedule.epochs;
     let warmup = steps_per_epoch * recipe.schedule.warmup_epochs;
+    let ckpt_dir = prepare_checkpoint_dir(out, resume)?;
     let mut opt = AdamW::new(task.trainable(), task.depth(), recipe.optim.clone())?;
     let mut progress = Progress::default();
     if resume && let Some(ck) = latest_checkpoint(out) {
         progress = load_state(&ck, &mut opt)?.0;
         tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
     }
-    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(progress.step))?;
-    std::fs::write(out.join("recipe.toml"), toml::to_string(recipe)?)?;
+    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(&progress))?;
+    crate::util::write_atomic(
+        &out.join("recipe.toml"),
+        toml::to_string(recipe)?.as_bytes(),
+    )?;
     let mixup = (d.mixup > 0.0 || d.cutmix > 0.0).then_some(Mixup {
         mixup_alpha: d.mixup,
         cutmix_alpha: d.cutmix,
@@ -451,7 +481,7 @@ pub fn train(
         let mut loss_acc = 0f64;
         for b in loader
             .iter_epoch(epoch as u64, progress.batch)
-            .take(usable - progress.batch)
+            .take(usable.saturating_sub(progress.batch))
         {
             report_failures(&b);
             let mut rng = step_rng(recipe.run.seed, progress.step * accum as u64 + micro as u64);

@@ -33,8 +33,16 @@ pub fn correct_top_k(logits: &[Vec<f32>], labels: &[usize], k: usize) -> usize {
         .zip(labels)
         .filter(|(row, l)| {
             let target = row[**l];
-            // Ties count against: the label must beat all but k-1 others.
-            row.iter().filter(|&&v| v > target).count() < k
+            // Ties and NaN count against: the label must strictly beat all
+            // but k−1 of the other classes.
+            let not_beaten = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, &v)| {
+                    j != **l && v.partial_cmp(&target) != Some(std::cmp::Ordering::Less)
+                })
+                .count();
+            not_beaten < k
         })
         .count()
 }
@@ -66,5 +74,7 @@ mod tests {
         let logits = vec![vec![0.1, 0.9, 0.0], vec![0.5, 0.2, 0.3]];
         assert_eq!(correct_top_k(&logits, &[1, 2], 1), 1);
         assert_eq!(correct_top_k(&logits, &[1, 2], 2), 2);
+        assert_eq!(correct_top_k(&[vec![1.0, 1.0, 1.0]], &[0], 1), 0);
+        assert_eq!(correct_top_k(&[vec![f32::NAN, 0.0]], &[0], 1), 0);
     }
 }

@@ -101,6 +101,7 @@ impl TokenizerRecipe {
         let mut r: Self = toml::Value::Table(table)
             .try_into()
             .context("invalid tokenizer recipe")?;
+        r.validate()?;
         if let Some(dir) = path.and_then(Path::parent) {
             for p in [&mut r.teacher.weights]
                 .into_iter()
@@ -115,11 +116,26 @@ impl TokenizerRecipe {
     }
 
     pub fn shapes(&self) -> Result<VqkdConfig> {
-        match (&self.shapes, &self.arch) {
-            (Some(s), _) => Ok(s.clone()),
-            (None, Some(a)) => VqkdConfig::preset(a),
+        let s = match (&self.shapes, &self.arch) {
+            (Some(s), _) => s.clone(),
+            (None, Some(a)) => VqkdConfig::preset(a)?,
             (None, None) => bail!("the recipe needs `arch` or a [shapes] table"),
+        };
+        s.validate().context("invalid tokenizer shapes")?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.data.batch_size == 0 || self.schedule.epochs == 0 {
+            bail!("data.batch_size and schedule.epochs must be at least 1");
         }
+        if !(0.0..1.0).contains(&self.quantizer.decay) {
+            bail!("quantizer.decay {} must be in [0, 1)", self.quantizer.decay);
+        }
+        if self.optim.lr.is_nan() || self.optim.lr <= 0.0 {
+            bail!("optim.lr must be positive");
+        }
+        Ok(())
     }
 }
 
@@ -134,8 +150,11 @@ impl Teacher {
         match t.kind.as_str() {
             "clip" => {
                 let cfg = match &t.config {
-                    Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)
-                        .with_context(|| format!("parsing {}", p.display()))?,
+                    Some(p) => serde_json::from_str(
+                        &std::fs::read_to_string(p)
+                            .with_context(|| format!("cannot read {}", p.display()))?,
+                    )
+                    .with_context(|| format!("parsing {}", p.display()))?,
                     None => ClipVisionConfig::vit_b16(),
                 };
                 let sd = checkpoint::read_state_dict(&t.weights)?;
@@ -176,11 +195,11 @@ impl Teacher {
         }
     }
 
-    /// Input size the teacher expects.
-    pub fn img_size(&self) -> usize {
+    /// Input size (height, width) the teacher expects.
+    pub fn img_size(&self) -> [usize; 2] {
         match self {
-            Teacher::Clip(c) => c.cfg.img_size,
-            Teacher::Beit(b) => b.cfg.img_size[0],
+            Teacher::Clip(c) => [c.cfg.img_size; 2],
+            Teacher::Beit(b) => b.cfg.img_size,
         }
     }
 
@@ -302,6 +321,19 @@ fn init_tokenizer(cfg: &VqkdConfig, seed: u64) -> Result<HashMap<String, Tensor>
     Ok(out)
 }
 
+/// The non-gradient state a checkpoint must carry for an exact resume.
+fn state_buffers(tok: &Trainable, window: &[u64], epoch: &[u64]) -> Result<Vec<(String, Tensor)>> {
+    let counts = |c: &[u64]| -> Result<Tensor> {
+        let v: Vec<u32> = c.iter().map(|&x| x.min(u32::MAX as u64) as u32).collect();
+        Ok(Tensor::from_vec(v, c.len(), &Device::Cpu)?)
+    };
+    Ok(vec![
+        ("codebook".to_string(), tok.codebook.as_tensor().detach()),
+        ("usage_window".to_string(), counts(window)?),
+        ("usage_epoch".to_string(), counts(epoch)?),
+    ])
+}
+
 /// Trains a tokenizer; returns the path of the exported tokenizer.
 pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf> {
     let cfg = recipe.shapes()?;
@@ -316,17 +348,15 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
             cfg.decoder_out_dim
         );
     }
-    if teacher.img_size() != cfg.img_size {
+    if teacher.img_size() != [cfg.img_size; 2] {
         bail!(
-            "the teacher takes {} px images, the tokenizer {} px",
+            "the teacher takes {:?} px images, the tokenizer {} px",
             teacher.img_size(),
             cfg.img_size
         );
     }
     let out = &recipe.run.output;
-    let ckpt_dir = out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)
-        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    let ckpt_dir = super::engine::prepare_checkpoint_dir(out, resume)?;
     let d = &recipe.data;
     let mut data = open_dataset(&d.train)?;
     if d.limit > 0 && d.limit < data.len() {
@@ -359,20 +389,33 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
     let mut opt = AdamW::new(tok.vars.clone(), 0, recipe.optim.clone())?;
     let mut progress = Progress::default();
     let mut initted = false;
+    let n_codes = cfg.n_codes;
+    // Usage since the last dead-code restart, and over the current epoch.
+    let mut window = vec![0u64; n_codes];
+    let mut epoch_counts = vec![0u64; n_codes];
+    let counts_from = |buffers: &HashMap<String, Tensor>, key: &str| -> Result<Vec<u64>> {
+        match buffers.get(key) {
+            Some(t) => Ok(t.to_vec1::<u32>()?.into_iter().map(u64::from).collect()),
+            None => Ok(vec![0; n_codes]),
+        }
+    };
     if resume && let Some(ck) = latest_checkpoint(out) {
         let (p, buffers) = load_state(&ck, &mut opt)?;
         let book = buffers
             .get("codebook")
             .with_context(|| format!("{} holds no codebook", ck.display()))?;
         tok.codebook.set(book)?;
+        window = counts_from(&buffers, "usage_window")?;
+        epoch_counts = counts_from(&buffers, "usage_epoch")?;
         initted = true;
         progress = p;
         tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
     }
-    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(progress.step))?;
-    std::fs::write(out.join("recipe.toml"), toml::to_string(recipe)?)?;
-    let n_codes = cfg.n_codes;
-    let mut window = vec![0u64; n_codes];
+    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(&progress))?;
+    crate::util::write_atomic(
+        &out.join("recipe.toml"),
+        toml::to_string(recipe)?.as_bytes(),
+    )?;
     let start = std::time::Instant::now();
     while progress.epoch < recipe.schedule.epochs {
         let epoch = progress.epoch;
@@ -381,7 +424,6 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
             &format!("epoch {}/{}", epoch + 1, recipe.schedule.epochs),
         );
         pb.set_position(progress.batch as u64);
-        let mut epoch_counts = vec![0u64; n_codes];
         for b in loader.iter_epoch(epoch as u64, progress.batch) {
             report_failures(&b);
             progress.batch += 1;
@@ -470,7 +512,7 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
                 "elapsed_s": start.elapsed().as_secs_f64(),
             }))?;
             pb.set_message(format!("epoch {} loss {lv:.4}", epoch + 1));
-            let buffers = [("codebook".to_string(), tok.codebook.as_tensor().detach())];
+            let buffers = state_buffers(&tok, &window, &epoch_counts)?;
             if recipe.run.ckpt_every > 0 && progress.step % recipe.run.ckpt_every as u64 == 0 {
                 checkpoint(&ckpt_dir, &opt, &progress, &buffers, recipe.run.keep_last)?;
             }
@@ -479,7 +521,7 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
         progress.epoch += 1;
         progress.batch = 0;
         let usage = CodeUsage {
-            counts: epoch_counts,
+            counts: std::mem::replace(&mut epoch_counts, vec![0; n_codes]),
         };
         eprintln!(
             "epoch {}: {} of {n_codes} codes used, perplexity {:.1}",
@@ -492,7 +534,7 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
             "used_codes": n_codes - usage.unused(), "unused_codes": usage.unused(),
             "perplexity": usage.perplexity(),
         }))?;
-        let buffers = [("codebook".to_string(), tok.codebook.as_tensor().detach())];
+        let buffers = state_buffers(&tok, &window, &epoch_counts)?;
         checkpoint(&ckpt_dir, &opt, &progress, &buffers, recipe.run.keep_last)?;
         tok.export(&out.join("tokenizer-last.safetensors"))?;
     }
