@@ -45,7 +45,7 @@ pub enum Command {
     /// Encode images into VQ-KD visual tokens (and codebook usage statistics).
     Tokenize(tokenize::TokenizeArgs),
     /// Train a VQ-KD tokenizer by distilling a teacher (CLIP or a BEiT).
-    TrainTokenizer(train::TrainTokenizerArgs),
+    TrainTokenizer(train::RecipeArgs),
     /// Fine-tune a BEiT on a labelled dataset (recipe TOML + overrides).
     Finetune(train::RecipeArgs),
     /// Train a linear head on frozen BEiT features.

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct RecipeArgs {
-    /// Recipe file (TOML); default: the shipped BEiT base fine-tuning recipe.
+    /// Recipe file (TOML); default: the command's shipped recipe (BEiT base
+    /// fine-tuning, or unilm's ViT-B/16 + CLIP tokenizer).
     #[arg(long, value_name = "FILE")]
     pub recipe: Option<PathBuf>,
     /// Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).
@@ -241,20 +242,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(Args, Debug)]
-pub struct TrainTokenizerArgs {
-    /// Tokenizer recipe (TOML); default: unilm's ViT-B/16 + CLIP recipe.
-    #[arg(long, value_name = "FILE")]
-    pub recipe: Option<PathBuf>,
-    /// Override a recipe key, e.g. --set quantizer.restart_every=100 (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// Start afresh even if the output folder holds checkpoints.
-    #[arg(long)]
-    pub no_resume: bool,
-}
-
-pub fn train_tokenizer(args: TrainTokenizerArgs) -> Result<()> {
+pub fn train_tokenizer(args: RecipeArgs) -> Result<()> {
     use crate::train::tokenizer::{TokenizerRecipe, train_tokenizer};
     let recipe = TokenizerRecipe::load(args.recipe.as_deref(), &args.overrides)?;
     let t0 = std::time::Instant::now();

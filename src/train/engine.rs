@@ -145,6 +145,33 @@ pub fn evaluate(
     })
 }
 
+/// The shuffled, drop-last loader of a training run and its batches per epoch.
+pub(crate) fn train_loader(
+    data: Arc<Dataset>,
+    transform: TrainTransform,
+    batch_size: usize,
+    workers: usize,
+    seed: u64,
+) -> Result<(Loader<TrainTransform>, usize)> {
+    let loader = Loader::new(
+        data,
+        Arc::new(transform),
+        LoaderConfig {
+            batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed,
+            workers: workers.max(1),
+            prefetch: 2,
+        },
+    )?;
+    let per_epoch = loader.batches_per_epoch();
+    if per_epoch == 0 {
+        bail!("the training set is smaller than one batch of {batch_size}");
+    }
+    Ok((loader, per_epoch))
+}
+
 pub(crate) fn report_failures(b: &Batch) -> usize {
     for (name, e) in &b.failures {
         tracing::warn!("skipped {name}: {e:#}");
@@ -415,25 +442,8 @@ pub fn train(
         v.check_labels(k)?;
     }
     let d = &recipe.data;
-    let loader = Loader::new(
-        train,
-        Arc::new(transform),
-        LoaderConfig {
-            batch_size: d.batch_size,
-            shuffle: true,
-            drop_last: true,
-            seed: recipe.run.seed,
-            workers: d.workers.max(1),
-            prefetch: 2,
-        },
-    )?;
-    let per_epoch = loader.batches_per_epoch();
-    if per_epoch == 0 {
-        bail!(
-            "the training set is smaller than one batch of {}",
-            d.batch_size
-        );
-    }
+    let (loader, per_epoch) =
+        train_loader(train, transform, d.batch_size, d.workers, recipe.run.seed)?;
     let accum = recipe.schedule.accum_steps;
     let steps_per_epoch = per_epoch / accum;
     if steps_per_epoch == 0 {

@@ -13,7 +13,6 @@ use super::plot::{Chart, Series, save_panels};
 use super::recipe::RunSection;
 use crate::checkpoint::{self, VQKD_CONFIG_METADATA_KEY};
 use crate::data::augment::TrainTransform;
-use crate::data::loader::{Loader, LoaderConfig};
 use crate::model::Beit;
 use crate::model::clip::{ClipVision, ClipVisionConfig};
 use crate::model::vqkd::{
@@ -364,25 +363,13 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
     }
     let mut transform = TrainTransform::simple(cfg.img_size, [0.0; 3], [1.0; 3]);
     transform.rrc.scale = (d.min_crop_scale, 1.0);
-    let loader = Loader::new(
+    let (loader, per_epoch) = super::engine::train_loader(
         Arc::new(data),
-        Arc::new(transform),
-        LoaderConfig {
-            batch_size: d.batch_size,
-            shuffle: true,
-            drop_last: true,
-            seed: recipe.run.seed,
-            workers: d.workers.max(1),
-            prefetch: 2,
-        },
+        transform,
+        d.batch_size,
+        d.workers,
+        recipe.run.seed,
     )?;
-    let per_epoch = loader.batches_per_epoch();
-    if per_epoch == 0 {
-        bail!(
-            "the training set is smaller than one batch of {}",
-            d.batch_size
-        );
-    }
     let total = per_epoch * recipe.schedule.epochs;
     let warmup = per_epoch * recipe.schedule.warmup_epochs;
     let tok = Trainable::new(&cfg, init_tokenizer(&cfg, recipe.run.seed)?)?;
