@@ -8,8 +8,10 @@ use beitv2::checkpoint::{
 };
 use beitv2::model::rel_pos::{relative_position_index, resize_table};
 use beitv2::model::{BeitConfig, RelPosBias, RelPosInterp, param_count};
+mod common;
+
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
+use common::{load_st, max_abs_diff};
 use std::path::{Path, PathBuf};
 
 const TOL: f32 = 1e-4;
@@ -18,27 +20,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
 }
 
-fn load_st(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn config(case: &str) -> BeitConfig {
     BeitConfig::from_file(&fixtures().join(case).join("config.json")).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn opts(cfg: BeitConfig) -> LoadOptions {

@@ -6,7 +6,10 @@
 
 use beitv2::checkpoint::load_vqkd;
 use beitv2::model::vqkd::{Vqkd, VqkdConfig};
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{load_st, max_abs_diff};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -19,21 +22,7 @@ fn config(name: &str) -> VqkdConfig {
 }
 
 fn io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir().join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    load_st(&dir().join("io.safetensors"))
 }
 
 fn ids(t: &Tensor) -> Vec<i64> {
@@ -52,14 +41,14 @@ fn unilm_layout_matches_reference_outputs() {
     let m = load_vqkd(&dir().join("unilm.pth"), Some(cfg)).unwrap();
     let x = Vqkd::preprocess(&io["input01"]).unwrap();
     let feats = m.encoder_tokens(&x).unwrap();
-    let d = max_abs(&feats, &io["encoder_tokens"]);
+    let d = max_abs_diff(&feats, &io["encoder_tokens"]);
     assert!(d <= 1e-4, "encoder features differ by {d}");
     let code = m.encode(&x).unwrap();
-    assert!(max_abs(&code, &io["code"]) <= 1e-4);
+    assert!(max_abs_diff(&code, &io["code"]) <= 1e-4);
     let q = m.quantize(&code).unwrap();
-    assert!(max_abs(&q.z, &io["z"]) <= 1e-4);
+    assert!(max_abs_diff(&q.z, &io["z"]) <= 1e-4);
     assert_eq!(ids(&q.ids), ids(&io["ids"]), "token ids differ");
-    assert!(max_abs(&q.z_q, &io["z_q"]) <= 1e-5);
+    assert!(max_abs_diff(&q.z_q, &io["z_q"]) <= 1e-5);
     let l = q.commit_loss.to_scalar::<f32>().unwrap();
     let want = io["commit_loss"]
         .to_dtype(DType::F32)
@@ -73,11 +62,11 @@ fn unilm_layout_matches_reference_outputs() {
         "commitment loss {l} vs {want}"
     );
     let rec = m.decode(&q.z_q).unwrap();
-    let d = max_abs(&rec, &io["rec"]);
+    let d = max_abs_diff(&rec, &io["rec"]);
     assert!(d <= 1e-4, "decoder output differs by {d}");
     eprintln!(
         "encoder max abs diff {:.2e}, decoder {d:.2e}",
-        max_abs(&feats, &io["encoder_tokens"])
+        max_abs_diff(&feats, &io["encoder_tokens"])
     );
 }
 

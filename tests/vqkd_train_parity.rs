@@ -5,7 +5,10 @@
 use beitv2::checkpoint::load_vqkd;
 use beitv2::model::vqkd::{VqkdConfig, ema_update, kmeans};
 use beitv2::train::tokenizer::{Teacher, TeacherSection, cosine_rec_loss};
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::{load_st, max_abs_diff};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -14,21 +17,7 @@ fn dir() -> PathBuf {
 }
 
 fn io() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir().join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    load_st(&dir().join("io.safetensors"))
 }
 
 fn scalar(t: &Tensor) -> f32 {
@@ -64,7 +53,7 @@ fn clip_teacher_matches_in_both_layouts() {
     let io = io();
     for file in ["clip_openai.pth", "clip_openclip.safetensors"] {
         let t = teacher(file);
-        let d = max_abs(
+        let d = max_abs_diff(
             &t.targets(&io["teacher_input"]).unwrap(),
             &io["teacher_target"],
         );
@@ -83,9 +72,9 @@ fn losses_and_ema_update_match() {
         .quantize(&m.encode(&io["teacher_input"]).unwrap())
         .unwrap();
     assert_eq!(ints(&q.ids), ints(&io["ids"]));
-    assert!(max_abs(&q.z, &io["z"]) <= 1e-5);
+    assert!(max_abs_diff(&q.z, &io["z"]) <= 1e-5);
     let rec = m.decode(&q.z_q).unwrap();
-    assert!(max_abs(&rec, &io["rec"]) <= 1e-4);
+    assert!(max_abs_diff(&rec, &io["rec"]) <= 1e-4);
     let rec_loss = scalar(&cosine_rec_loss(&rec, &io["teacher_target"]).unwrap());
     let commit = scalar(&q.commit_loss);
     for (got, key) in [
@@ -102,7 +91,7 @@ fn losses_and_ema_update_match() {
     let ids: Vec<u32> = ints(&q.ids).into_iter().map(|v| v as u32).collect();
     let z = q.z.flatten_to(1).unwrap();
     let (book, bins) = ema_update(&m.codebook, &z, &ids, 0.99).unwrap();
-    let d = max_abs(&book, &io["codebook_after_ema"]);
+    let d = max_abs_diff(&book, &io["codebook_after_ema"]);
     assert!(d <= 1e-5, "codebook after EMA differs by {d}");
     let want: Vec<u64> = ints(&io["bins"]).into_iter().map(|v| v as u64).collect();
     assert_eq!(bins, want);
@@ -131,7 +120,7 @@ fn kmeans_matches_given_the_same_start() {
         (1, "kmeans_means_iter1", "kmeans_bins_iter1"),
     ] {
         let (means, bins) = kmeans(&io["kmeans_samples"], &init, iters).unwrap();
-        let d = max_abs(&means, &io[means_key]);
+        let d = max_abs_diff(&means, &io[means_key]);
         assert!(d <= 1e-5, "{iters} iterations: means differ by {d}");
         let want: Vec<u64> = ints(&io[bins_key]).into_iter().map(|v| v as u64).collect();
         assert_eq!(bins, want, "{iters} iterations");

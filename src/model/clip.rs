@@ -127,13 +127,9 @@ impl ClipVision {
     }
 
     /// Maps a VQ-KD input in [−1, 1] to CLIP's normalisation (unilm
-    /// `ScalingLayerForClip`): `((x + 1)·127.5).clamp(0, 255)/255`, then mean/std.
+    /// `ScalingLayerForClip`).
     pub fn scale_input(x: &Tensor) -> Result<Tensor> {
-        let dev = x.device();
-        let x01 = (((x + 1.0)? * 127.5)?.clamp(0f32, 255f32)? / 255.0)?;
-        let mean = Tensor::new(&CLIP_MEAN, dev)?.reshape((1, 3, 1, 1))?;
-        let std = Tensor::new(&CLIP_STD, dev)?.reshape((1, 3, 1, 1))?;
-        x01.broadcast_sub(&mean)?.broadcast_div(&std)
+        super::vqkd::scale_for_teacher(x, CLIP_MEAN, CLIP_STD)
     }
 
     /// The distillation target: `ln_post` over all final tokens, CLS dropped,

@@ -164,6 +164,17 @@ pub struct Vqkd {
     pub decoder: Option<(Beit, TaskLayer)>,
 }
 
+/// Maps a VQ-KD input in [−1, 1] back to [0, 1] and normalises it with a
+/// teacher's mean/std (unilm's `ScalingLayerForClip` / `ScalingLayerForIM`:
+/// `((x + 1)·127.5).clamp(0, 255)/255`, then `(· − mean)/std`).
+pub fn scale_for_teacher(x: &Tensor, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor> {
+    let dev = x.device();
+    let x01 = (((x + 1.0)? * 127.5)?.clamp(0f32, 255f32)? / 255.0)?;
+    let mean = Tensor::new(&mean, dev)?.reshape((1, 3, 1, 1))?;
+    let std = Tensor::new(&std, dev)?.reshape((1, 3, 1, 1))?;
+    x01.broadcast_sub(&mean)?.broadcast_div(&std)
+}
+
 /// `F.normalize(v, dim=-1)`: `v / max(‖v‖₂, 1e-12)`.
 pub fn l2_normalize(v: &Tensor) -> Result<Tensor> {
     let norm = v

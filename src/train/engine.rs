@@ -172,6 +172,18 @@ pub(crate) fn train_loader(
     Ok((loader, per_epoch))
 }
 
+/// Stops training on a NaN or infinite loss, before it reaches the weights;
+/// the checkpoints in `ckpt_dir` are left as they were.
+pub(crate) fn ensure_finite(loss: f64, step: u64, ckpt_dir: &Path) -> Result<()> {
+    if !loss.is_finite() {
+        bail!(
+            "loss is {loss} at step {step}: stopping; the last good checkpoint is in {}",
+            ckpt_dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn report_failures(b: &Batch) -> usize {
     for (name, e) in &b.failures {
         tracing::warn!("skipped {name}: {e:#}");
@@ -509,13 +521,7 @@ pub fn train(
                 let logits = task.logits(&x, Some(&mut rng))?;
                 let loss = soft_target_cross_entropy(&logits, &targets)?;
                 let lv = loss.to_scalar::<f32>()? as f64;
-                if !lv.is_finite() {
-                    bail!(
-                        "loss is {lv} at epoch {epoch}, step {}: stopping; the last good checkpoint is in {}",
-                        progress.step,
-                        ckpt_dir.display()
-                    );
-                }
+                ensure_finite(lv, progress.step, &ckpt_dir)?;
                 loss_acc += lv / accum as f64;
                 let g = (loss / accum as f64)?.backward()?;
                 grads = Some(match grads.take() {
@@ -600,4 +606,22 @@ pub fn train(
     }
     log.plot(&out.join("curves.png"))?;
     Ok(last_eval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_loss_stops_training_naming_the_checkpoints() {
+        let dir = Path::new("runs/x/checkpoints");
+        assert!(ensure_finite(0.7, 3, dir).is_ok());
+        for bad in [f64::NAN, f64::INFINITY] {
+            let e = ensure_finite(bad, 12, dir).unwrap_err().to_string();
+            assert!(
+                e.contains("step 12") && e.contains("runs/x/checkpoints"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -5,8 +5,8 @@
 //! restart re-seeds codes unused for a while from recent encoder outputs.
 
 use super::engine::{
-    MetricsLog, Progress, checkpoint, latest_checkpoint, load_state, open_dataset, report_failures,
-    step_rng,
+    MetricsLog, Progress, checkpoint, ensure_finite, latest_checkpoint, load_state, open_dataset,
+    report_failures, step_rng,
 };
 use super::optim::{AdamW, OptimConfig, clip_grad_norm, cosine_lr};
 use super::plot::{Chart, Series, save_panels};
@@ -16,7 +16,7 @@ use crate::data::augment::TrainTransform;
 use crate::model::Beit;
 use crate::model::clip::{ClipVision, ClipVisionConfig};
 use crate::model::vqkd::{
-    CodeUsage, Vqkd, VqkdConfig, code_counts, ema_update, kmeans, l2_normalize,
+    CodeUsage, Vqkd, VqkdConfig, code_counts, ema_update, kmeans, l2_normalize, scale_for_teacher,
 };
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
@@ -208,11 +208,7 @@ impl Teacher {
         Ok(match self {
             Teacher::Clip(c) => c.patch_features(&ClipVision::scale_input(x)?)?,
             Teacher::Beit(b) => {
-                let dev = x.device();
-                let x01 = (((x + 1.0)? * 127.5)?.clamp(0f32, 255f32)? / 255.0)?;
-                let mean = Tensor::new(&b.cfg.mean, dev)?.reshape((1, 3, 1, 1))?;
-                let std = Tensor::new(&b.cfg.std, dev)?.reshape((1, 3, 1, 1))?;
-                let xn = x01.broadcast_sub(&mean)?.broadcast_div(&std)?;
+                let xn = scale_for_teacher(x, b.cfg.mean, b.cfg.std)?;
                 let t = b.forward_features(&xn)?;
                 let n = t.dim(1)?;
                 let p = t.i((.., 1..n))?;
@@ -440,13 +436,7 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
             let rec_loss = cosine_rec_loss(&rec, &target)?;
             let loss = (&rec_loss + &q.commit_loss)?;
             let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                bail!(
-                    "loss is {lv} at step {}: stopping; the last good checkpoint is in {}",
-                    progress.step,
-                    ckpt_dir.display()
-                );
-            }
+            ensure_finite(lv, progress.step, &ckpt_dir)?;
             let mut grads = loss.backward()?;
             let lr = cosine_lr(
                 recipe.optim.lr,
