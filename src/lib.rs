@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod train;
 pub mod util;

@@ -4,6 +4,8 @@
 use super::config::{BeitConfig, RelPosBias};
 use super::layers::{LayerNorm, Linear, Mlp, drop_path, linear, softmax_last};
 use super::rel_pos::{gather_bias, table_len};
+use crate::kernels::attention::{AttentionDims, attention};
+use crate::kernels::{self, Epilogue, Quant, cpu_f32, is_plain_cpu_f32, profile};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
@@ -16,13 +18,12 @@ fn qkv_bias(q: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    /// `(3C, C)`; the Linear has no bias parameter of its own.
-    pub qkv_weight: Tensor,
+    /// `(3C, C)` weight; its bias is `[q_bias, 0, v_bias]` concatenated once
+    /// when the biases are constants (inference). Trainable biases are
+    /// concatenated every forward instead.
+    pub qkv: Linear,
     /// q and v biases (k has none), when the model has them.
     pub qv_bias: Option<(Tensor, Tensor)>,
-    /// `[q_bias, 0, v_bias]` concatenated once when the biases are constants
-    /// (inference); trainable biases are concatenated every forward.
-    frozen_qkv_bias: Option<Tensor>,
     /// This block's `(L, heads)` relative-position table, if it has one.
     pub rel_pos_table: Option<Tensor>,
     /// The table gathered into its `(heads, N, N)` bias once, when the table
@@ -46,6 +47,7 @@ impl Attention {
             Some((q, v)) if !q.is_variable() && !v.is_variable() => Some(qkv_bias(q, v)?),
             _ => None,
         };
+        let qkv = Linear::from_parts(qkv_weight, frozen_qkv_bias);
         let rel_pos_table = match cfg.rel_pos_bias {
             RelPosBias::PerBlock => Some(vb.get(
                 (table_len(cfg.grid()), cfg.num_heads),
@@ -58,9 +60,8 @@ impl Attention {
             _ => None,
         };
         Ok(Self {
-            qkv_weight,
+            qkv,
             qv_bias,
-            frozen_qkv_bias,
             rel_pos_table,
             frozen_bias,
             proj: Linear::new(c, c, true, vb.pp("proj"))?,
@@ -80,14 +81,17 @@ impl Attention {
         let (b, n, c) = x.dims3()?;
         let h = self.num_heads;
         let d = c / h;
-        let bias = match (&self.frozen_qkv_bias, &self.qv_bias) {
+        let bias = match (&self.qkv.bias, &self.qv_bias) {
             (Some(b), _) => Some(b.clone()),
             (None, Some((q, v))) => Some(qkv_bias(q, v)?),
             (None, None) => None,
         };
-        let qkv = linear(x, &self.qkv_weight, bias.as_ref())?
-            .reshape((b, n, 3, h, d))?
-            .permute((2, 0, 3, 1, 4))?; // (3, B, h, N, d)
+        let qkv = {
+            let _t = profile::scope("linear.qkv", 0.0);
+            linear(x, &self.qkv.weight, bias.as_ref())?
+        };
+        let _t = profile::scope("attention", 0.0);
+        let qkv = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?; // (3, B, h, N, d)
         let q = (qkv.get(0)? * self.scale)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
@@ -102,7 +106,59 @@ impl Attention {
         }
         let attn = softmax_last(&logits)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        drop(_t);
+        let _t = profile::scope("linear.proj", 0.0);
         self.proj.forward(&out)
+    }
+
+    /// Whether the inference kernels can run this layer: every parameter a
+    /// constant, contiguous f32 CPU tensor and the biases precomputed.
+    fn fusable(&self) -> bool {
+        let consts = [&self.qkv.weight, &self.proj.weight]
+            .into_iter()
+            .chain(self.qkv.bias.as_ref())
+            .chain(self.proj.bias.as_ref())
+            .chain(self.frozen_bias.as_ref())
+            .all(|t| is_plain_cpu_f32(t) && t.is_contiguous() && !t.is_variable());
+        consts
+            && (self.qv_bias.is_none() || self.qkv.bias.is_some())
+            && (self.rel_pos_table.is_none() || self.frozen_bias.is_some())
+    }
+
+    /// Inference kernel: `x` (B·N, C) normalised rows → attention output rows
+    /// (before `proj`) written to `out`.
+    fn attend_into(
+        &self,
+        x: &[f32],
+        (b, n): (usize, usize),
+        shared_bias: Option<&Tensor>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = self.proj.out_dim();
+        let mut qkv = vec![0f32; b * n * 3 * c];
+        self.qkv
+            .forward_into("linear.qkv", x, b * n, Epilogue::Store, &mut qkv)?;
+        let bias = match (&self.frozen_bias, shared_bias) {
+            (Some(a), Some(s)) => Some((a + s)?.contiguous()?),
+            (Some(a), None) => Some(a.clone()),
+            (None, Some(s)) => Some(s.contiguous()?),
+            (None, None) => None,
+        };
+        let guard = bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &guard {
+            Some((s, l)) => Some(cpu_f32(s, l)?),
+            None => None,
+        };
+        let dims = AttentionDims {
+            batch: b,
+            tokens: n,
+            heads: self.num_heads,
+            head_dim: c / self.num_heads,
+        };
+        let d = dims.head_dim;
+        let _t = profile::scope("attention", (4 * b * self.num_heads * n * n * d) as f64);
+        attention(&qkv, dims, self.scale as f32, bias, out);
+        Ok(())
     }
 }
 
@@ -117,6 +173,8 @@ pub struct Block {
     pub gamma_2: Option<Tensor>,
     /// Stochastic-depth rate of both residual branches (training only).
     pub drop_path: f64,
+    /// Every parameter is a constant f32 CPU tensor: inference kernels apply.
+    fusable: bool,
 }
 
 impl Block {
@@ -127,15 +185,95 @@ impl Block {
         } else {
             (None, None)
         };
+        let norm1 = LayerNorm::new(c, cfg.norm_eps, vb.pp("norm1"))?;
+        let attn = Attention::new(cfg, index, vb.pp("attn"))?;
+        let norm2 = LayerNorm::new(c, cfg.norm_eps, vb.pp("norm2"))?;
+        let mlp = Mlp::new(c, cfg.mlp_hidden(), vb.pp("mlp"))?;
+        let others = [
+            &norm1.weight,
+            &norm1.bias,
+            &norm2.weight,
+            &norm2.bias,
+            &mlp.fc1.weight,
+            &mlp.fc2.weight,
+        ];
+        let fusable = attn.fusable()
+            && others
+                .into_iter()
+                .chain(mlp.fc1.bias.as_ref())
+                .chain(mlp.fc2.bias.as_ref())
+                .chain(gamma_1.as_ref())
+                .chain(gamma_2.as_ref())
+                .all(|t| is_plain_cpu_f32(t) && t.is_contiguous() && !t.is_variable());
         Ok(Self {
-            norm1: LayerNorm::new(c, cfg.norm_eps, vb.pp("norm1"))?,
-            attn: Attention::new(cfg, index, vb.pp("attn"))?,
-            norm2: LayerNorm::new(c, cfg.norm_eps, vb.pp("norm2"))?,
-            mlp: Mlp::new(c, cfg.mlp_hidden(), vb.pp("mlp"))?,
+            norm1,
+            attn,
+            norm2,
+            mlp,
             gamma_1,
             gamma_2,
             drop_path,
+            fusable,
         })
+    }
+
+    /// Packs the four linear layers for `quant` (None: fp32). Only for
+    /// constant weights: a trainable block is refused.
+    pub fn set_quant(&mut self, quant: Option<Quant>) -> Result<()> {
+        if quant.is_some() && !self.fusable {
+            candle_core::bail!(
+                "reduced precision needs constant f32 CPU weights (not a model being trained)"
+            );
+        }
+        self.attn.qkv.set_quant(quant)?;
+        self.attn.proj.set_quant(quant)?;
+        self.mlp.fc1.set_quant(quant)?;
+        self.mlp.fc2.set_quant(quant)
+    }
+
+    /// Inference kernels for the whole block: LayerNorm, qkv GEMM with its
+    /// bias, fused attention, proj GEMM, γ-scaled residual, LayerNorm, fc1
+    /// GEMM with bias, GELU, fc2 GEMM, γ-scaled residual.
+    fn forward_fused(&self, x: &Tensor, shared_bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let rows = b * n;
+        let mut stream = kernels::with_f32(x, |s| Ok(s.to_vec()))?;
+        let mut normed = vec![0f32; rows * c];
+        let mut branch = vec![0f32; rows * c];
+        let (g1, g2) = (
+            self.gamma_1.as_ref().map(|t| t.storage_and_layout()),
+            self.gamma_2.as_ref().map(|t| t.storage_and_layout()),
+        );
+        let g1 = g1.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
+        let g2 = g2.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
+
+        self.norm1.forward_into(&stream, &mut normed)?;
+        self.attn
+            .attend_into(&normed, (b, n), shared_bias, &mut branch)?;
+        self.attn.proj.forward_into(
+            "linear.proj+residual",
+            &branch,
+            rows,
+            Epilogue::Residual { gamma: g1 },
+            &mut stream,
+        )?;
+        self.norm2.forward_into(&stream, &mut normed)?;
+        let mut hidden = vec![0f32; rows * self.mlp.fc1.out_dim()];
+        self.mlp.fc1.forward_into(
+            "linear.fc1+gelu",
+            &normed,
+            rows,
+            Epilogue::Gelu,
+            &mut hidden,
+        )?;
+        self.mlp.fc2.forward_into(
+            "linear.fc2+residual",
+            &hidden,
+            rows,
+            Epilogue::Residual { gamma: g2 },
+            &mut stream,
+        )?;
+        Tensor::from_vec(stream, (b, n, c), x.device())
     }
 
     pub fn forward(
@@ -145,6 +283,15 @@ impl Block {
         shared_bias: Option<&Tensor>,
         mut train_rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
+        let packed = self.attn.qkv.is_packed();
+        if self.fusable
+            && train_rng.is_none()
+            && (packed || kernels::fused_enabled())
+            && is_plain_cpu_f32(x)
+            && shared_bias.is_none_or(is_plain_cpu_f32)
+        {
+            return self.forward_fused(x, shared_bias);
+        }
         // γ is applied before DropPath, as in the references.
         let mut branch = |y: Tensor, g: &Option<Tensor>| -> Result<Tensor> {
             let y = match g {
@@ -159,8 +306,12 @@ impl Block {
         let a = self
             .attn
             .forward(&self.norm1.forward(x)?, index, shared_bias)?;
-        let x = (x + branch(a, &self.gamma_1)?)?;
+        let x = {
+            let _t = profile::scope("residual", 0.0);
+            (x + branch(a, &self.gamma_1)?)?
+        };
         let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        let _t = profile::scope("residual", 0.0);
         &x + branch(m, &self.gamma_2)?
     }
 }

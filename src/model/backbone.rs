@@ -5,6 +5,7 @@ use super::attention::Block;
 use super::config::{BeitConfig, GlobalPool, RelPosBias};
 use super::layers::{LayerNorm, Linear, linear};
 use super::rel_pos::{gather_bias, relative_position_index_tensor, table_len};
+use crate::kernels::{Precision, profile};
 use candle_core::{D, Device, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
@@ -146,6 +147,15 @@ impl Beit {
         })
     }
 
+    /// Precision of the blocks' linear layers at inference. bf16/int8 pack the
+    /// weights once (AMX kernels where the CPU has them); fp32 drops the packs.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        for blk in &mut self.blocks {
+            blk.set_quant(precision.quant())?;
+        }
+        Ok(())
+    }
+
     pub fn device(&self) -> &Device {
         self.cls_token.device()
     }
@@ -165,6 +175,7 @@ impl Beit {
     /// Patch embedding, CLS token and absolute position embedding: (B, N, C).
     fn embed(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
+        let _t = profile::scope("patch_embed", 0.0);
         let patches = self.patch_embed.forward(x)?;
         let b = patches.dim(0)?;
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.embed_dim))?;
@@ -201,6 +212,7 @@ impl Beit {
                 train_rng.as_deref_mut(),
             )?;
         }
+        let _t = profile::scope("head", 0.0);
         match &self.norm {
             Some(n) => n.forward(&t),
             None => Ok(t),
@@ -210,6 +222,7 @@ impl Beit {
     /// Pooling, `fc_norm` and the classifier. With `pre_logits` the pooled,
     /// normalised features (B, C) are returned instead of the logits.
     pub fn forward_head(&self, tokens: &Tensor, pre_logits: bool) -> Result<Tensor> {
+        let _t = profile::scope("head", 0.0);
         let pooled = match self.cfg.global_pool {
             GlobalPool::Avg => mean_patch_tokens(tokens)?,
             GlobalPool::Token => tokens.i((.., 0))?,

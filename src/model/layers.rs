@@ -2,9 +2,12 @@
 //! kernel when no gradient is being tracked and the differentiable composite
 //! otherwise, so one model definition serves inference and training.
 
+use crate::kernels::linear::WeightRef;
+use crate::kernels::{self, Epilogue, PackedWeight, Quant, cpu_f32, profile};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::Rng;
+use std::sync::Arc;
 
 /// `y = x·Wᵀ + b` over the last axis, computed as one 2-D GEMM over all leading
 /// axes (no per-batch broadcast of the weight).
@@ -12,6 +15,8 @@ use rand::Rng;
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The weight packed for the reduced-precision kernels, when chosen.
+    packed: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
@@ -22,11 +27,70 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::from_parts(weight, bias))
+    }
+
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            packed: None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Packs the weight for `quant` (None: back to fp32).
+    pub fn set_quant(&mut self, quant: Option<Quant>) -> Result<()> {
+        self.packed = match quant {
+            None => None,
+            Some(q) => {
+                let (n, k) = self.weight.dims2()?;
+                Some(Arc::new(kernels::with_f32(&self.weight, |w| {
+                    Ok(PackedWeight::pack(w, n, k, q))
+                })?))
+            }
+        };
+        Ok(())
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// Inference kernel: `out ← epilogue(x·Wᵀ + b)` for `rows` rows of `x`.
+    pub fn forward_into(
+        &self,
+        name: &'static str,
+        x: &[f32],
+        rows: usize,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (n, k) = self.weight.dims2()?;
+        let _t = profile::scope(name, 2.0 * (rows * n * k) as f64);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((s, l)) => Some(cpu_f32(s, l)?),
+            None => None,
+        };
+        let w = match &self.packed {
+            Some(p) => WeightRef::Packed(p),
+            None => WeightRef::F32 {
+                data: cpu_f32(&ws, wl)?,
+                out_dim: n,
+                in_dim: k,
+            },
+        };
+        kernels::linear::linear(x, rows, w, bias, epilogue, out);
+        Ok(())
     }
 }
 
@@ -66,7 +130,23 @@ impl LayerNorm {
         })
     }
 
+    /// Inference kernel over rows of the normalised width.
+    pub fn forward_into(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let _t = profile::scope("layernorm", 0.0);
+        let (ws, wl) = self.weight.storage_and_layout();
+        let (bs, bl) = self.bias.storage_and_layout();
+        kernels::math::layer_norm(
+            x,
+            cpu_f32(&ws, wl)?,
+            cpu_f32(&bs, bl)?,
+            self.eps as f32,
+            out,
+        );
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _t = profile::scope("layernorm", 0.0);
         if !tracked(&[x, &self.weight, &self.bias]) {
             let x = x.contiguous()?;
             return candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32);
@@ -105,7 +185,16 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        let h = {
+            let _t = profile::scope("linear.fc1", 0.0);
+            self.fc1.forward(x)?
+        };
+        let h = {
+            let _t = profile::scope("gelu", 0.0);
+            h.gelu_erf()?
+        };
+        let _t = profile::scope("linear.fc2", 0.0);
+        self.fc2.forward(&h)
     }
 }
 

@@ -1,0 +1,112 @@
+//! Hand-written CPU kernels behind the inference path of the model (no
+//! gradient tracked): fused attention, LayerNorm, GELU, bias and residual
+//! epilogues, and bf16/int8 linear layers. The model calls them only for
+//! constant f32 CPU tensors; training runs candle's differentiable ops.
+
+/// Compiles `$body` as a generic function and as an AVX-512 one, and calls the
+/// best the running CPU supports.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if $crate::kernels::has_avx512() {
+                    // SAFETY: the CPU supports every feature `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+pub mod attention;
+pub mod linear;
+pub mod math;
+pub mod packed;
+pub mod profile;
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use packed::{Epilogue, PackedWeight, Quant};
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the fused inference kernels off (candle's ops run instead), for
+/// comparisons and tests. Reduced-precision weights, once packed, stay in use.
+pub fn set_fused(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+pub fn fused_enabled() -> bool {
+    !DISABLED.load(Ordering::Relaxed)
+}
+
+/// AVX-512 F/BW/DQ/VL are available (the vectorised element-wise kernels).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Precision of the linear layers at inference (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// fp32 weights and arithmetic (the reference).
+    #[default]
+    F32,
+    /// bf16 weights and activations, fp32 accumulation.
+    Bf16,
+    /// int8 weights (per output channel) and activations (per token), int32 accumulation.
+    Int8,
+}
+
+impl Precision {
+    /// How the blocks' weights are packed: fp32 packs only where the AVX-512
+    /// kernel exists (elsewhere the `gemm` crate runs on the weights as loaded).
+    pub fn quant(self) -> Option<Quant> {
+        match self {
+            Precision::F32 => has_avx512().then_some(Quant::F32),
+            Precision::Bf16 => Some(Quant::Bf16),
+            Precision::Int8 => Some(Quant::Int8),
+        }
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor, borrowed from its storage.
+pub fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => match layout.contiguous_offsets() {
+            Some((a, b)) => Ok(&v[a..b]),
+            None => candle_core::bail!("fused kernel: tensor is not contiguous"),
+        },
+        _ => candle_core::bail!("fused kernel: expected an f32 CPU tensor"),
+    }
+}
+
+/// Calls `f` with the f32 values of `t` (made contiguous first if needed).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    f(cpu_f32(&storage, layout)?)
+}
+
+/// Whether `t` can take the fused path: a constant f32 tensor on the CPU.
+pub fn is_plain_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op()
+}

@@ -1,0 +1,824 @@
+//! Linear layers on weights packed once at load, with the bias and the next
+//! element-wise step (GELU, or the γ-scaled residual add) applied to each
+//! finished 32×32 output block while it is still in cache.
+//!
+//! * fp32: an AVX-512 FMA kernel over column panels of the weight.
+//! * bf16 / int8: Intel AMX (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids and
+//!   later), issued through inline assembly because Rust's AMX intrinsics are
+//!   not stable. Tiles are 16 rows × 64 bytes; a 2×2 block of accumulator
+//!   tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
+//!   (output channel) and one per activation row (token).
+//!
+//! Without AVX-512 or AMX a portable loop over the same packed layout gives
+//! the same numbers slowly, so results never depend on the CPU.
+
+use super::math::gelu;
+use rayon::prelude::*;
+
+/// Output columns per packed panel (two 16-column tiles).
+const NB: usize = 32;
+/// Activation rows per block (two 16-row tiles).
+const MB: usize = 32;
+/// Row blocks that share one pass over the weight panels: their activations
+/// (≤ 128 rows × in) stay in L2 while the panels stream past.
+const CHUNK_MBLOCKS: usize = 4;
+
+/// Storage precision of a packed weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    F32,
+    Bf16,
+    Int8,
+}
+
+impl Quant {
+    /// Reduction elements per k block (one 64-byte tile row for AMX).
+    fn k_block(self) -> usize {
+        match self {
+            Quant::F32 => 1,
+            Quant::Bf16 => 32,
+            Quant::Int8 => 64,
+        }
+    }
+    /// Reduction elements interleaved per output column.
+    fn group(self) -> usize {
+        match self {
+            Quant::F32 => 1,
+            Quant::Bf16 => 2,
+            Quant::Int8 => 4,
+        }
+    }
+    fn elem_bytes(self) -> usize {
+        match self {
+            Quant::F32 => 4,
+            Quant::Bf16 => 2,
+            Quant::Int8 => 1,
+        }
+    }
+}
+
+/// What happens to `acc + bias` before it lands in the output.
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// `out = acc + b`
+    Store,
+    /// `out = gelu(acc + b)` (exact erf GELU)
+    Gelu,
+    /// `out += γ ∘ (acc + b)`: `out` holds the residual stream.
+    Residual { gamma: Option<&'a [f32]> },
+}
+
+/// A `(out, in)` weight packed into column panels of 32 outputs:
+/// fp32 `[panel][k][32]`; bf16/int8 in AMX B-tile order
+/// `[panel][k_block][tile 0|1][k / group][16 columns][group]`.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    quant: Quant,
+    out_dim: usize,
+    in_dim: usize,
+    /// `in_dim` rounded up to the k block.
+    k_pad: usize,
+    /// f32 / bf16 / i8 values as little-endian bytes.
+    data: Vec<u8>,
+    /// Per-output-channel scale (Int8 only).
+    scales: Vec<f32>,
+}
+
+/// f32 → bf16 bits, round to nearest even (NaN stays NaN).
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Symmetric int8 scale of a row: `max|x| / 127` (1 for an all-zero row).
+fn int8_scale(row: &[f32]) -> f32 {
+    let m = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    if m > 0.0 { m / 127.0 } else { 1.0 }
+}
+
+#[inline(always)]
+fn to_i8(x: f32, inv_scale: f32) -> i8 {
+    (x * inv_scale).round().clamp(-127.0, 127.0) as i8
+}
+
+impl PackedWeight {
+    /// Index of element (column `col` of the panel, reduction index `k`) in a panel.
+    fn panel_index(&self, col: usize, k: usize) -> usize {
+        let (kb, g) = (self.quant.k_block(), self.quant.group());
+        let (t, c) = (col / 16, col % 16);
+        let (kblk, kr, e) = (k / kb, (k % kb) / g, k % g);
+        match self.quant {
+            Quant::F32 => k * NB + col,
+            _ => ((kblk * 2 + t) * (kb / g) + kr) * 16 * g + c * g + e,
+        }
+    }
+
+    /// Packs a row-major `(out_dim, in_dim)` f32 weight.
+    pub fn pack(w: &[f32], out_dim: usize, in_dim: usize, quant: Quant) -> Self {
+        assert_eq!(w.len(), out_dim * in_dim, "weight has the wrong size");
+        let kb = quant.k_block();
+        let k_pad = in_dim.div_ceil(kb) * kb;
+        let panels = out_dim.div_ceil(NB);
+        let esize = quant.elem_bytes();
+        let scales: Vec<f32> = match quant {
+            Quant::Int8 => w.chunks_exact(in_dim).map(int8_scale).collect(),
+            _ => Vec::new(),
+        };
+        let mut packed = Self {
+            quant,
+            out_dim,
+            in_dim,
+            k_pad,
+            data: Vec::new(),
+            scales,
+        };
+        let panel_bytes = k_pad * NB * esize;
+        let mut data = vec![0u8; panels * panel_bytes];
+        data.par_chunks_mut(panel_bytes)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for col in 0..NB.min(out_dim - p * NB) {
+                    let n = p * NB + col;
+                    let row = &w[n * in_dim..(n + 1) * in_dim];
+                    for (k, &v) in row.iter().enumerate() {
+                        let i = packed.panel_index(col, k) * esize;
+                        match quant {
+                            Quant::F32 => panel[i..i + 4].copy_from_slice(&v.to_le_bytes()),
+                            Quant::Bf16 => {
+                                panel[i..i + 2].copy_from_slice(&bf16_bits(v).to_le_bytes())
+                            }
+                            Quant::Int8 => panel[i] = to_i8(v, 1.0 / packed.scales[n]) as u8,
+                        }
+                    }
+                }
+            });
+        packed.data = data;
+        packed
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+    pub fn quant(&self) -> Quant {
+        self.quant
+    }
+    /// Bytes held by the packed weight.
+    pub fn nbytes(&self) -> usize {
+        self.data.len() + 4 * self.scales.len()
+    }
+
+    fn panel(&self, p: usize) -> &[u8] {
+        let len = self.k_pad * NB * self.quant.elem_bytes();
+        &self.data[p * len..(p + 1) * len]
+    }
+
+    /// Element `(col, k)` of panel `p` as the f32 the kernels multiply by
+    /// (int8 not yet scaled).
+    fn value(&self, p: usize, col: usize, k: usize) -> f32 {
+        let panel = self.panel(p);
+        let i = self.panel_index(col, k);
+        match self.quant {
+            Quant::F32 => f32::from_le_bytes(panel[i * 4..i * 4 + 4].try_into().unwrap()),
+            Quant::Bf16 => bf16_to_f32(u16::from_le_bytes([panel[i * 2], panel[i * 2 + 1]])),
+            Quant::Int8 => panel[i] as i8 as f32,
+        }
+    }
+
+    /// The weight as the f32 values the kernels multiply by (dequantised).
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out_dim * self.in_dim];
+        for n in 0..self.out_dim {
+            let scale = self.scales.get(n).copied().unwrap_or(1.0);
+            for k in 0..self.in_dim {
+                w[n * self.in_dim + k] = self.value(n / NB, n % NB, k) * scale;
+            }
+        }
+        w
+    }
+
+    /// `out ← epilogue(x·Wᵀ + b)` for `x` (rows, in) and `out` (rows, out),
+    /// both row-major.
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) {
+        assert_eq!(
+            x.len(),
+            rows * self.in_dim,
+            "linear input has the wrong size"
+        );
+        assert_eq!(
+            out.len(),
+            rows * self.out_dim,
+            "linear output has the wrong size"
+        );
+        if let Some(b) = bias {
+            assert_eq!(b.len(), self.out_dim, "linear bias has the wrong size");
+        }
+        if let Epilogue::Residual { gamma: Some(g) } = epilogue {
+            assert_eq!(g.len(), self.out_dim, "layer scale has the wrong size");
+        }
+        let kernel = Kernel::select(self.quant);
+        let acts = Activations::convert(x, rows, self, kernel);
+        let mblocks = rows.div_ceil(MB);
+        let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
+        let panels = self.out_dim.div_ceil(NB);
+        // Enough tasks to keep every thread busy when there are few rows.
+        let groups = (4 * rayon::current_num_threads())
+            .div_ceil(mchunks)
+            .clamp(1, panels);
+        let per_group = panels.div_ceil(groups);
+        let out_addr = out.as_mut_ptr() as usize;
+        (0..mchunks * groups).into_par_iter().for_each(|task| {
+            let (mc, g) = (task / groups, task % groups);
+            let mut tile = [0f32; MB * NB];
+            for p in g * per_group..((g + 1) * per_group).min(panels) {
+                for mb in mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(mblocks) {
+                    let valid = MB.min(rows - mb * MB);
+                    match kernel {
+                        // SAFETY: the CPU has AVX-512F; the rows read are < rows.
+                        Kernel::Avx512 => unsafe {
+                            self.block_avx512(&acts, mb, valid, p, &mut tile)
+                        },
+                        // SAFETY: `amx::available()` checked CPU and OS support;
+                        // activations are padded to whole blocks.
+                        Kernel::Amx => unsafe { self.block_amx(&acts, mb, p, &mut tile) },
+                        Kernel::Portable => self.block_portable(&acts, mb, valid, p, &mut tile),
+                    }
+                    // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
+                    unsafe {
+                        self.finish(
+                            &acts,
+                            mb,
+                            valid,
+                            p,
+                            &tile,
+                            bias,
+                            epilogue,
+                            out_addr as *mut f32,
+                        )
+                    };
+                }
+            }
+        });
+    }
+
+    /// Applies scale, bias and epilogue to a finished block and writes it out.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn finish(
+        &self,
+        acts: &Activations,
+        mb: usize,
+        valid: usize,
+        p: usize,
+        tile: &[f32; MB * NB],
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        out: *mut f32,
+    ) {
+        let n0 = p * NB;
+        let ncols = NB.min(self.out_dim - n0);
+        let bias = bias.map(|b| &b[n0..n0 + ncols]);
+        let w_scales = (self.quant == Quant::Int8).then(|| &self.scales[n0..n0 + ncols]);
+        let epilogue = match epilogue {
+            Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
+                gamma: Some(&g[n0..n0 + ncols]),
+            },
+            e => e,
+        };
+        for r in 0..valid {
+            let m = mb * MB + r;
+            // SAFETY: row m < rows and columns n0..n0+ncols < out_dim.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(out.add(m * self.out_dim + n0), ncols) };
+            let a_scale = acts.scales.get(m).copied().unwrap_or(1.0);
+            finish_row(
+                dst,
+                &tile[r * NB..r * NB + ncols],
+                a_scale,
+                w_scales,
+                bias,
+                epilogue,
+            );
+        }
+    }
+
+    /// Portable reference kernel: same inputs, same layout, plain loops.
+    fn block_portable(
+        &self,
+        acts: &Activations,
+        mb: usize,
+        valid: usize,
+        p: usize,
+        tile: &mut [f32; MB * NB],
+    ) {
+        tile.fill(0.0);
+        for r in 0..valid {
+            let m = mb * MB + r;
+            for col in 0..NB {
+                let mut acc_f = 0f32;
+                let mut acc_i = 0i32;
+                for k in 0..self.in_dim {
+                    let w = self.value(p, col, k);
+                    match self.quant {
+                        Quant::F32 => acc_f += acts.f32_rows[m * self.in_dim + k] * w,
+                        Quant::Bf16 => acc_f += acts.bf16_at(m, k) * w,
+                        Quant::Int8 => acc_i += acts.i8_at(m, k) as i32 * w as i32,
+                    }
+                }
+                tile[r * NB + col] = if self.quant == Quant::Int8 {
+                    acc_i as f32
+                } else {
+                    acc_f
+                };
+            }
+        }
+    }
+
+    /// fp32 block with AVX-512 FMA: sub-blocks of up to 8 rows × 32 columns
+    /// accumulate in 16 zmm registers over the whole reduction.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_avx512(
+        &self,
+        acts: &Activations,
+        mb: usize,
+        valid: usize,
+        p: usize,
+        tile: &mut [f32; MB * NB],
+    ) {
+        let k = self.in_dim;
+        let b = self.panel(p).as_ptr() as *const f32;
+        let mut r0 = 0;
+        while r0 < valid {
+            let a = acts.f32_rows[(mb * MB + r0) * k..].as_ptr();
+            let c = tile[r0 * NB..].as_mut_ptr();
+            // SAFETY: rows r0..r0+mr of the block exist in `x`; the panel holds k × 32 values.
+            unsafe {
+                match valid - r0 {
+                    1 => fma_rows::<1>(a, k, b, c),
+                    2 => fma_rows::<2>(a, k, b, c),
+                    3 => fma_rows::<3>(a, k, b, c),
+                    4 => fma_rows::<4>(a, k, b, c),
+                    5 => fma_rows::<5>(a, k, b, c),
+                    6 => fma_rows::<6>(a, k, b, c),
+                    7 => fma_rows::<7>(a, k, b, c),
+                    _ => fma_rows::<8>(a, k, b, c),
+                }
+            }
+            r0 += 8;
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn block_avx512(
+        &self,
+        acts: &Activations,
+        mb: usize,
+        valid: usize,
+        p: usize,
+        tile: &mut [f32; MB * NB],
+    ) {
+        self.block_portable(acts, mb, valid, p, tile)
+    }
+
+    /// One 32×32 block on AMX: tiles 0–3 accumulate, 4–5 hold activations,
+    /// 6–7 the two weight tiles of the panel.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn block_amx(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
+        use std::arch::asm;
+        amx::configure_thread();
+        let a_stride = self.k_pad * self.quant.elem_bytes();
+        let a0 = acts.bytes[mb * MB * a_stride..].as_ptr();
+        // SAFETY (whole block): activations are padded to whole 32-row blocks and
+        // whole k blocks, the panel to whole k blocks; tiles read 16 rows × 64 B.
+        unsafe {
+            let a1 = a0.add(16 * a_stride);
+            let b = self.panel(p).as_ptr();
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3"
+            );
+            for kblk in 0..self.k_pad / self.quant.k_block() {
+                let off = kblk * 64;
+                let b0 = b.add(kblk * 2048);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    a0 = in(reg) a0.add(off),
+                    a1 = in(reg) a1.add(off),
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(1024),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+                match self.quant {
+                    Quant::Int8 => asm!(
+                        "tdpbssd tmm0, tmm4, tmm6",
+                        "tdpbssd tmm1, tmm4, tmm7",
+                        "tdpbssd tmm2, tmm5, tmm6",
+                        "tdpbssd tmm3, tmm5, tmm7",
+                        options(nostack, nomem),
+                    ),
+                    _ => asm!(
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        options(nostack, nomem),
+                    ),
+                }
+            }
+            let c = tile.as_mut_ptr() as *mut u8;
+            asm!(
+                "tilestored [{c0} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c3} + {sc}*1], tmm3",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(64),
+                c2 = in(reg) c.add(16 * NB * 4),
+                c3 = in(reg) c.add(16 * NB * 4 + 64),
+                sc = in(reg) NB * 4,
+                options(nostack),
+            );
+        }
+        if self.quant == Quant::Int8 {
+            for v in tile.iter_mut() {
+                *v = v.to_bits() as i32 as f32;
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn block_amx(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
+        self.block_portable(acts, mb, MB, p, tile)
+    }
+}
+
+/// `MR` rows × 32 columns: `c[r][..] = Σ_k a[r][k] · b[k][..]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fma_rows<const MR: usize>(a: *const f32, lda: usize, b: *const f32, c: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees MR rows of `lda` values at `a`, `lda` × 32
+    // values at `b` and MR × 32 writable values at `c`.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for kk in 0..lda {
+            let b0 = _mm512_loadu_ps(b.add(kk * NB));
+            let b1 = _mm512_loadu_ps(b.add(kk * NB + 16));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * NB), acc[0]);
+            _mm512_storeu_ps(c.add(r * NB + 16), acc[1]);
+        }
+    }
+}
+
+multiversion! {
+    /// One output row of a block: scale (int8), bias, then the epilogue.
+    fn finish_row(
+        dst: &mut [f32],
+        acc: &[f32],
+        a_scale: f32,
+        w_scales: Option<&[f32]>,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue
+    ) {
+        let n = dst.len();
+        let mut v = [0f32; NB];
+        v[..n].copy_from_slice(acc);
+        if let Some(ws) = w_scales {
+            for (v, &w) in v.iter_mut().zip(ws) {
+                *v *= a_scale * w;
+            }
+        }
+        if let Some(b) = bias {
+            for (v, &b) in v.iter_mut().zip(b) {
+                *v += b;
+            }
+        }
+        match epilogue {
+            Epilogue::Store => dst.copy_from_slice(&v[..n]),
+            Epilogue::Gelu => {
+                for (d, &v) in dst.iter_mut().zip(&v) {
+                    *d = gelu(v);
+                }
+            }
+            Epilogue::Residual { gamma: Some(g) } => {
+                for ((d, &v), &g) in dst.iter_mut().zip(&v).zip(g) {
+                    *d += g * v;
+                }
+            }
+            Epilogue::Residual { gamma: None } => {
+                for (d, &v) in dst.iter_mut().zip(&v) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
+
+/// Which block kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    Avx512,
+    Amx,
+}
+
+static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Forces the portable kernels (tests compare them with the fast ones).
+pub fn force_portable(on: bool) {
+    FORCE_PORTABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl Kernel {
+    fn select(quant: Quant) -> Self {
+        if FORCE_PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
+            return Kernel::Portable;
+        }
+        match quant {
+            Quant::F32 if super::has_avx512() => Kernel::Avx512,
+            Quant::Bf16 | Quant::Int8 if amx::available() => Kernel::Amx,
+            _ => Kernel::Portable,
+        }
+    }
+}
+
+/// The fast kernel for `quant` exists on this CPU (otherwise the portable
+/// loops run: same numbers, far slower).
+pub fn accelerated(quant: Quant) -> bool {
+    match quant {
+        Quant::F32 => super::has_avx512(),
+        Quant::Bf16 | Quant::Int8 => amx::available(),
+    }
+}
+
+/// Activations prepared for one call: fp32 rows as given, or bf16/int8 rows
+/// padded to whole 32-row blocks and k blocks (zeros) for the tile loads.
+struct Activations<'a> {
+    f32_rows: &'a [f32],
+    bytes: Vec<u8>,
+    k_pad: usize,
+    /// Per-row scale (int8 only).
+    scales: Vec<f32>,
+}
+
+impl<'a> Activations<'a> {
+    fn convert(x: &'a [f32], rows: usize, w: &PackedWeight, _kernel: Kernel) -> Self {
+        let (k, k_pad, quant) = (w.in_dim, w.k_pad, w.quant);
+        let mut acts = Self {
+            f32_rows: x,
+            bytes: Vec::new(),
+            k_pad,
+            scales: Vec::new(),
+        };
+        if quant == Quant::F32 {
+            return acts;
+        }
+        if quant == Quant::Int8 {
+            acts.scales = x.par_chunks(k).map(int8_scale).collect();
+        }
+        let esize = quant.elem_bytes();
+        let mut bytes = vec![0u8; rows.div_ceil(MB) * MB * k_pad * esize];
+        bytes
+            .par_chunks_mut(k_pad * esize)
+            .take(rows)
+            .zip(x.par_chunks(k))
+            .zip(
+                acts.scales
+                    .par_iter()
+                    .chain(rayon::iter::repeat_n(&1.0, rows)),
+            )
+            .for_each(|((dst, src), &scale)| convert_row(dst, src, quant == Quant::Int8, scale));
+        acts.bytes = bytes;
+        acts
+    }
+
+    fn bf16_at(&self, m: usize, k: usize) -> f32 {
+        let i = (m * self.k_pad + k) * 2;
+        bf16_to_f32(u16::from_le_bytes([self.bytes[i], self.bytes[i + 1]]))
+    }
+
+    fn i8_at(&self, m: usize, k: usize) -> i8 {
+        self.bytes[m * self.k_pad + k] as i8
+    }
+}
+
+multiversion! {
+    /// One activation row to bf16 (round to nearest even) or to int8 with `scale`.
+    fn convert_row(dst: &mut [u8], src: &[f32], int8: bool, scale: f32) {
+        if int8 {
+            let inv = 1.0 / scale;
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = to_i8(v, inv) as u8;
+            }
+        } else {
+            for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&bf16_bits(v).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Run-time AMX detection and per-thread tile configuration.
+pub mod amx {
+    use std::sync::OnceLock;
+
+    /// AMX-TILE, -BF16 and -INT8 are present and the OS let this process use tiles.
+    pub fn available() -> bool {
+        *SUPPORTED.get_or_init(detect)
+    }
+
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn detect() -> bool {
+        // SAFETY: cpuid leaf 7 exists on every x86-64 CPU that reports it; the
+        // syscall only asks the kernel for permission and touches no memory.
+        unsafe {
+            if std::arch::x86_64::__cpuid(0).eax < 7 {
+                return false;
+            }
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+            let (bf16, tile, int8) = (edx >> 22 & 1, edx >> 24 & 1, edx >> 25 & 1);
+            if bf16 & tile & int8 == 0 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+            const XFEATURE_XTILEDATA: i64 = 18;
+            let ret: i64;
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") 158i64 => ret, // SYS_arch_prctl
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+            ret == 0
+        }
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    fn detect() -> bool {
+        false
+    }
+
+    thread_local! {
+        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Loads the tile configuration (8 tiles of 16 rows × 64 bytes) once per thread.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn configure_thread() {
+        CONFIGURED.with(|c| {
+            if !c.get() {
+                #[repr(C, align(64))]
+                struct Config([u8; 64]);
+                let mut cfg = Config([0; 64]);
+                cfg.0[0] = 1; // palette 1
+                for t in 0..8 {
+                    cfg.0[16 + 2 * t] = 64; // bytes per row
+                    cfg.0[48 + t] = 16; // rows
+                }
+                // SAFETY: only reached after `available()`; the config is valid for palette 1.
+                unsafe {
+                    std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+                }
+                c.set(true);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32 ^ seed)
+                    .wrapping_mul(2_654_435_761)
+                    .rotate_left(13);
+                (h % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The activations as the kernels see them (rounded to bf16 / int8).
+    fn quantised_row(r: &[f32], quant: Quant) -> Vec<f32> {
+        match quant {
+            Quant::F32 => r.to_vec(),
+            Quant::Bf16 => r.iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect(),
+            Quant::Int8 => {
+                let s = int8_scale(r);
+                r.iter().map(|&v| to_i8(v, 1.0 / s) as f32 * s).collect()
+            }
+        }
+    }
+
+    fn check(quant: Quant, rows: usize, n: usize, k: usize) {
+        let x = data(rows * k, 1);
+        let w = data(n * k, 2);
+        let bias = data(n, 3);
+        let gamma = data(n, 4);
+        let resid = data(rows * n, 5);
+        let packed = PackedWeight::pack(&w, n, k, quant);
+        let wu = packed.unpack();
+        // acc + b in f64 from the dequantised operands.
+        let mut lin = vec![0f64; rows * n];
+        for m in 0..rows {
+            let xr = quantised_row(&x[m * k..(m + 1) * k], quant);
+            for j in 0..n {
+                let s: f64 = (0..k).map(|i| xr[i] as f64 * wu[j * k + i] as f64).sum();
+                lin[m * n + j] = s + bias[j] as f64;
+            }
+        }
+        for portable in [false, true] {
+            force_portable(portable);
+            type Expected<'a> = Box<dyn Fn(usize) -> f64 + 'a>;
+            let cases: [(Epilogue, Expected); 3] = [
+                (Epilogue::Store, Box::new(|i| lin[i])),
+                (Epilogue::Gelu, Box::new(|i| gelu(lin[i] as f32) as f64)),
+                (
+                    Epilogue::Residual {
+                        gamma: Some(&gamma),
+                    },
+                    Box::new(|i| resid[i] as f64 + gamma[i % n] as f64 * lin[i]),
+                ),
+            ];
+            for (epilogue, want) in cases {
+                let mut out = resid.clone();
+                packed.matmul(&x, rows, Some(&bias), epilogue, &mut out);
+                for (i, &got) in out.iter().enumerate() {
+                    let want = want(i);
+                    let err = (got as f64 - want).abs() / (1.0 + want.abs());
+                    assert!(
+                        err < 1e-5,
+                        "{quant:?} {rows}x{n}x{k} {epilogue:?} portable={portable}: [{i}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+        force_portable(false);
+        // The packed weight stays within half a step of the f32 one.
+        let step = |v: f32| match quant {
+            Quant::F32 => 0.0,
+            Quant::Bf16 => v.abs() / 256.0,
+            Quant::Int8 => 1.0 / 127.0 / 2.0,
+        };
+        for (a, b) in wu.iter().zip(&w) {
+            assert!((a - b).abs() <= step(*b) * 1.0001, "{quant:?}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn packed_matmul_matches_its_dequantised_reference() {
+        for quant in [Quant::F32, Quant::Bf16, Quant::Int8] {
+            check(quant, 5, 20, 40); // smaller than one block everywhere
+            check(quant, 150, 96, 160); // several chunks, blocks and tails
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+    }
+}
