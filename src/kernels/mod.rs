@@ -77,11 +77,11 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// How the blocks' weights are packed: fp32 packs only where the AVX-512
-    /// kernel exists (elsewhere the `gemm` crate runs on the weights as loaded).
+    /// How the blocks' weights are packed (fp32 runs the `gemm` crate on the
+    /// weights as loaded).
     pub fn quant(self) -> Option<Quant> {
         match self {
-            Precision::F32 => has_avx512().then_some(Quant::F32),
+            Precision::F32 => None,
             Precision::Bf16 => Some(Quant::Bf16),
             Precision::Int8 => Some(Quant::Int8),
         }

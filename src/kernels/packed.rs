@@ -2,8 +2,7 @@
 //! element-wise step (GELU, or the γ-scaled residual add) applied to each
 //! finished 32×32 output block while it is still in cache.
 //!
-//! * fp32: an AVX-512 FMA kernel over column panels of the weight.
-//! * bf16 / int8: Intel AMX (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids and
+//! bf16 and int8 run on Intel AMX (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids and
 //!   later), issued through inline assembly because Rust's AMX intrinsics are
 //!   not stable. Tiles are 16 rows × 64 bytes; a 2×2 block of accumulator
 //!   tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
@@ -26,7 +25,6 @@ const CHUNK_MBLOCKS: usize = 4;
 /// Storage precision of a packed weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quant {
-    F32,
     Bf16,
     Int8,
 }
@@ -35,7 +33,6 @@ impl Quant {
     /// Reduction elements per k block (one 64-byte tile row for AMX).
     fn k_block(self) -> usize {
         match self {
-            Quant::F32 => 1,
             Quant::Bf16 => 32,
             Quant::Int8 => 64,
         }
@@ -43,14 +40,12 @@ impl Quant {
     /// Reduction elements interleaved per output column.
     fn group(self) -> usize {
         match self {
-            Quant::F32 => 1,
             Quant::Bf16 => 2,
             Quant::Int8 => 4,
         }
     }
     fn elem_bytes(self) -> usize {
         match self {
-            Quant::F32 => 4,
             Quant::Bf16 => 2,
             Quant::Int8 => 1,
         }
@@ -68,9 +63,8 @@ pub enum Epilogue<'a> {
     Residual { gamma: Option<&'a [f32]> },
 }
 
-/// A `(out, in)` weight packed into column panels of 32 outputs:
-/// fp32 `[panel][k][32]`; bf16/int8 in AMX B-tile order
-/// `[panel][k_block][tile 0|1][k / group][16 columns][group]`.
+/// A `(out, in)` weight packed into column panels of 32 outputs in AMX
+/// B-tile order: `[panel][k_block][tile 0|1][k / group][16 columns][group]`.
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
     quant: Quant,
@@ -78,7 +72,7 @@ pub struct PackedWeight {
     in_dim: usize,
     /// `in_dim` rounded up to the k block.
     k_pad: usize,
-    /// f32 / bf16 / i8 values as little-endian bytes.
+    /// bf16 / i8 values as little-endian bytes.
     data: Vec<u8>,
     /// Per-output-channel scale (Int8 only).
     scales: Vec<f32>,
@@ -116,10 +110,7 @@ impl PackedWeight {
         let (kb, g) = (self.quant.k_block(), self.quant.group());
         let (t, c) = (col / 16, col % 16);
         let (kblk, kr, e) = (k / kb, (k % kb) / g, k % g);
-        match self.quant {
-            Quant::F32 => k * NB + col,
-            _ => ((kblk * 2 + t) * (kb / g) + kr) * 16 * g + c * g + e,
-        }
+        ((kblk * 2 + t) * (kb / g) + kr) * 16 * g + c * g + e
     }
 
     /// Packs a row-major `(out_dim, in_dim)` f32 weight.
@@ -152,7 +143,6 @@ impl PackedWeight {
                     for (k, &v) in row.iter().enumerate() {
                         let i = packed.panel_index(col, k) * esize;
                         match quant {
-                            Quant::F32 => panel[i..i + 4].copy_from_slice(&v.to_le_bytes()),
                             Quant::Bf16 => {
                                 panel[i..i + 2].copy_from_slice(&bf16_bits(v).to_le_bytes())
                             }
@@ -190,7 +180,6 @@ impl PackedWeight {
         let panel = self.panel(p);
         let i = self.panel_index(col, k);
         match self.quant {
-            Quant::F32 => f32::from_le_bytes(panel[i * 4..i * 4 + 4].try_into().unwrap()),
             Quant::Bf16 => bf16_to_f32(u16::from_le_bytes([panel[i * 2], panel[i * 2 + 1]])),
             Quant::Int8 => panel[i] as i8 as f32,
         }
@@ -234,8 +223,8 @@ impl PackedWeight {
         if let Epilogue::Residual { gamma: Some(g) } = epilogue {
             assert_eq!(g.len(), self.out_dim, "layer scale has the wrong size");
         }
-        let kernel = Kernel::select(self.quant);
-        let acts = Activations::convert(x, rows, self, kernel);
+        let kernel = Kernel::select();
+        let acts = Activations::convert(x, rows, self);
         let mblocks = rows.div_ceil(MB);
         let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
         let panels = self.out_dim.div_ceil(NB);
@@ -247,20 +236,27 @@ impl PackedWeight {
         let out_addr = out.as_mut_ptr() as usize;
         (0..mchunks * groups).into_par_iter().for_each(|task| {
             let (mc, g) = (task / groups, task % groups);
-            let mut tile = [0f32; MB * NB];
+            let mblock_range = mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(mblocks);
+            let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
             for p in g * per_group..((g + 1) * per_group).min(panels) {
-                for mb in mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(mblocks) {
-                    let valid = MB.min(rows - mb * MB);
-                    match kernel {
-                        // SAFETY: the CPU has AVX-512F; the rows read are < rows.
-                        Kernel::Avx512 => unsafe {
-                            self.block_avx512(&acts, mb, valid, p, &mut tile)
-                        },
-                        // SAFETY: `amx::available()` checked CPU and OS support;
-                        // activations are padded to whole blocks.
-                        Kernel::Amx => unsafe { self.block_amx(&acts, mb, p, &mut tile) },
-                        Kernel::Portable => self.block_portable(&acts, mb, valid, p, &mut tile),
+                match kernel {
+                    // SAFETY: `amx::available()` checked CPU and OS support;
+                    // activations are padded to whole blocks.
+                    Kernel::Amx => mblock_range
+                        .clone()
+                        .zip(tiles.iter_mut())
+                        .for_each(|(mb, tile)| unsafe { self.block_amx(&acts, mb, p, tile) }),
+                    Kernel::Portable => {
+                        mblock_range
+                            .clone()
+                            .zip(tiles.iter_mut())
+                            .for_each(|(mb, tile)| {
+                                self.block_portable(&acts, mb, MB.min(rows - mb * MB), p, tile)
+                            })
                     }
+                }
+                for (mb, tile) in mblock_range.clone().zip(&tiles) {
+                    let valid = MB.min(rows - mb * MB);
                     // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
                     unsafe {
                         self.finish(
@@ -268,7 +264,7 @@ impl PackedWeight {
                             mb,
                             valid,
                             p,
-                            &tile,
+                            tile,
                             bias,
                             epilogue,
                             out_addr as *mut f32,
@@ -337,7 +333,6 @@ impl PackedWeight {
                 for k in 0..self.in_dim {
                     let w = self.value(p, col, k);
                     match self.quant {
-                        Quant::F32 => acc_f += acts.f32_rows[m * self.in_dim + k] * w,
                         Quant::Bf16 => acc_f += acts.bf16_at(m, k) * w,
                         Quant::Int8 => acc_i += acts.i8_at(m, k) as i32 * w as i32,
                     }
@@ -349,53 +344,6 @@ impl PackedWeight {
                 };
             }
         }
-    }
-
-    /// fp32 block with AVX-512 FMA: sub-blocks of up to 8 rows × 32 columns
-    /// accumulate in 16 zmm registers over the whole reduction.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block_avx512(
-        &self,
-        acts: &Activations,
-        mb: usize,
-        valid: usize,
-        p: usize,
-        tile: &mut [f32; MB * NB],
-    ) {
-        let k = self.in_dim;
-        let b = self.panel(p).as_ptr() as *const f32;
-        let mut r0 = 0;
-        while r0 < valid {
-            let a = acts.f32_rows[(mb * MB + r0) * k..].as_ptr();
-            let c = tile[r0 * NB..].as_mut_ptr();
-            // SAFETY: rows r0..r0+mr of the block exist in `x`; the panel holds k × 32 values.
-            unsafe {
-                match valid - r0 {
-                    1 => fma_rows::<1>(a, k, b, c),
-                    2 => fma_rows::<2>(a, k, b, c),
-                    3 => fma_rows::<3>(a, k, b, c),
-                    4 => fma_rows::<4>(a, k, b, c),
-                    5 => fma_rows::<5>(a, k, b, c),
-                    6 => fma_rows::<6>(a, k, b, c),
-                    7 => fma_rows::<7>(a, k, b, c),
-                    _ => fma_rows::<8>(a, k, b, c),
-                }
-            }
-            r0 += 8;
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn block_avx512(
-        &self,
-        acts: &Activations,
-        mb: usize,
-        valid: usize,
-        p: usize,
-        tile: &mut [f32; MB * NB],
-    ) {
-        self.block_portable(acts, mb, valid, p, tile)
     }
 
     /// One 32×32 block on AMX: tiles 0–3 accumulate, 4–5 hold activations,
@@ -477,32 +425,6 @@ impl PackedWeight {
     }
 }
 
-/// `MR` rows × 32 columns: `c[r][..] = Σ_k a[r][k] · b[k][..]`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn fma_rows<const MR: usize>(a: *const f32, lda: usize, b: *const f32, c: *mut f32) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller guarantees MR rows of `lda` values at `a`, `lda` × 32
-    // values at `b` and MR × 32 writable values at `c`.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        for kk in 0..lda {
-            let b0 = _mm512_loadu_ps(b.add(kk * NB));
-            let b1 = _mm512_loadu_ps(b.add(kk * NB + 16));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(r * lda + kk));
-                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * NB), acc[0]);
-            _mm512_storeu_ps(c.add(r * NB + 16), acc[1]);
-        }
-    }
-}
-
 multiversion! {
     /// One output row of a block: scale (int8), bias, then the epilogue.
     fn finish_row(
@@ -551,7 +473,6 @@ multiversion! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Portable,
-    Avx512,
     Amx,
 }
 
@@ -563,49 +484,40 @@ pub fn force_portable(on: bool) {
 }
 
 impl Kernel {
-    fn select(quant: Quant) -> Self {
+    fn select() -> Self {
         if FORCE_PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
             return Kernel::Portable;
         }
-        match quant {
-            Quant::F32 if super::has_avx512() => Kernel::Avx512,
-            Quant::Bf16 | Quant::Int8 if amx::available() => Kernel::Amx,
-            _ => Kernel::Portable,
+        if amx::available() {
+            Kernel::Amx
+        } else {
+            Kernel::Portable
         }
     }
 }
 
-/// The fast kernel for `quant` exists on this CPU (otherwise the portable
-/// loops run: same numbers, far slower).
-pub fn accelerated(quant: Quant) -> bool {
-    match quant {
-        Quant::F32 => super::has_avx512(),
-        Quant::Bf16 | Quant::Int8 => amx::available(),
-    }
+/// The AMX kernels run on this CPU (otherwise the portable loops run: same
+/// numbers, far slower).
+pub fn accelerated() -> bool {
+    amx::available()
 }
 
-/// Activations prepared for one call: fp32 rows as given, or bf16/int8 rows
-/// padded to whole 32-row blocks and k blocks (zeros) for the tile loads.
-struct Activations<'a> {
-    f32_rows: &'a [f32],
+/// Activations prepared for one call: bf16/int8 rows padded to whole 32-row blocks and k blocks (zeros) for the tile loads.
+struct Activations {
     bytes: Vec<u8>,
     k_pad: usize,
     /// Per-row scale (int8 only).
     scales: Vec<f32>,
 }
 
-impl<'a> Activations<'a> {
-    fn convert(x: &'a [f32], rows: usize, w: &PackedWeight, _kernel: Kernel) -> Self {
+impl Activations {
+    fn convert(x: &[f32], rows: usize, w: &PackedWeight) -> Self {
         let (k, k_pad, quant) = (w.in_dim, w.k_pad, w.quant);
         let mut acts = Self {
-            f32_rows: x,
             bytes: Vec::new(),
             k_pad,
             scales: Vec::new(),
         };
-        if quant == Quant::F32 {
-            return acts;
-        }
         if quant == Quant::Int8 {
             acts.scales = x.par_chunks(k).map(int8_scale).collect();
         }
@@ -741,7 +653,6 @@ mod tests {
     /// The activations as the kernels see them (rounded to bf16 / int8).
     fn quantised_row(r: &[f32], quant: Quant) -> Vec<f32> {
         match quant {
-            Quant::F32 => r.to_vec(),
             Quant::Bf16 => r.iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect(),
             Quant::Int8 => {
                 let s = int8_scale(r);
@@ -796,7 +707,6 @@ mod tests {
         force_portable(false);
         // The packed weight stays within half a step of the f32 one.
         let step = |v: f32| match quant {
-            Quant::F32 => 0.0,
             Quant::Bf16 => v.abs() / 256.0,
             Quant::Int8 => 1.0 / 127.0 / 2.0,
         };
@@ -807,7 +717,7 @@ mod tests {
 
     #[test]
     fn packed_matmul_matches_its_dequantised_reference() {
-        for quant in [Quant::F32, Quant::Bf16, Quant::Int8] {
+        for quant in [Quant::Bf16, Quant::Int8] {
             check(quant, 5, 20, 40); // smaller than one block everywhere
             check(quant, 150, 96, 160); // several chunks, blocks and tails
         }
