@@ -1,13 +1,28 @@
-//! `beitv2 bench`: forward-pass throughput and peak memory with random weights.
-//! `tools/bench_timm.py` is the PyTorch counterpart (same options, same output).
+//! `beitv2 bench`: forward-pass throughput and peak memory with random weights
+//! (with `--profile`, time per operation; with `--dtype`, agreement with fp32),
+//! preprocessing throughput (`--preprocess`) and the training step
+//! (`--train-step`). `tools/bench_timm.py` and `tools/bench_torch_extra.py`
+//! are the PyTorch / Pillow counterparts (same options, same output).
 
 use crate::checkpoint::build_model;
+use crate::data::{
+    EvalTransform, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, center_crop, load_rgb,
+};
 use crate::kernels::{self, Precision, profile};
-use crate::model::{BeitConfig, expected_weights};
+use crate::model::{Beit, BeitConfig, expected_weights};
+use crate::train::engine::Task;
+use crate::train::loss::{smoothed_targets, soft_target_cross_entropy};
+use crate::train::optim::{AdamW, OptimConfig};
+use crate::train::tasks::{Finetune, init_weights};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::Args;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -33,6 +48,25 @@ pub struct BenchArgs {
     /// Also time every operation kind over the timed passes and print the breakdown.
     #[arg(long)]
     pub profile: bool,
+    /// With a reduced --dtype: random images on which top-1 and logits are
+    /// compared with the fp32 model (0 skips the comparison).
+    #[arg(long, default_value_t = 32)]
+    pub agreement_images: usize,
+    /// Measure decode + resize + crop + normalise of these images instead of the model.
+    #[arg(long, num_args = 1.., value_name = "IMAGE")]
+    pub preprocess: Vec<PathBuf>,
+    /// Passes over the --preprocess images.
+    #[arg(long, default_value_t = 20)]
+    pub repeat: usize,
+    /// Threads for --preprocess (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Crop fraction of the --preprocess eval transform (224 px crop).
+    #[arg(long, default_value_t = 0.9)]
+    pub crop_pct: f64,
+    /// Measure forward + loss + backward + AdamW step instead of inference.
+    #[arg(long, conflicts_with = "preprocess")]
+    pub train_step: bool,
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -51,8 +85,15 @@ fn random_weights(cfg: &BeitConfig) -> Result<HashMap<String, Tensor>> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if !args.preprocess.is_empty() {
+        return bench_preprocess(&args);
+    }
+    if args.train_step {
+        return bench_train_step(&args);
+    }
     let cfg = BeitConfig::preset(&args.arch)?;
-    let mut model = build_model(&cfg, random_weights(&cfg)?)?;
+    let weights = random_weights(&cfg)?;
+    let mut model = build_model(&cfg, weights.clone())?;
     if args.no_fused && args.dtype != Precision::F32 {
         anyhow::bail!("--no-fused runs candle's fp32 ops; it cannot be combined with --dtype");
     }
@@ -104,6 +145,198 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 print_profile(&ops, times.iter().sum(), times.len());
             }
         }
+    }
+    if args.dtype != Precision::F32 && args.agreement_images > 0 {
+        let reference = build_model(&cfg, weights)?;
+        let a = agreement(&reference, &model, args.agreement_images)?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "system": system, "arch": args.arch, "what": "agreement_with_f32",
+                    "images": args.agreement_images, "top1_agreement": a.top1,
+                    "max_abs_logit_diff": a.max_diff, "max_abs_logit": a.max_logit,
+                })
+            );
+        } else {
+            println!(
+                "agreement with fp32 on {} random images: top-1 {:.1}%, max |logit diff| {:.3e} (max |logit| {:.3e})",
+                args.agreement_images,
+                100.0 * a.top1,
+                a.max_diff,
+                a.max_logit
+            );
+        }
+    }
+    Ok(())
+}
+
+/// How closely a reduced-precision model follows the fp32 one.
+pub struct Agreement {
+    /// Fraction of images with the same top-1 class.
+    pub top1: f64,
+    pub max_diff: f32,
+    /// Largest fp32 logit magnitude, for scale.
+    pub max_logit: f32,
+}
+
+/// Compares logits of `reduced` with `reference` on `n` random images
+/// (normal noise, seed 0), in batches of 8.
+pub fn agreement(reference: &Beit, reduced: &Beit, n: usize) -> Result<Agreement> {
+    let cfg = &reference.cfg;
+    let [h, w] = cfg.img_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (mut same, mut max_diff, mut max_logit) = (0usize, 0f32, 0f32);
+    for start in (0..n).step_by(8) {
+        let b = 8.min(n - start);
+        let data: Vec<f32> = (0..b * cfg.in_chans * h * w)
+            .map(|_| rng.sample::<f32, _>(StandardNormal))
+            .collect();
+        let x = Tensor::from_vec(data, (b, cfg.in_chans, h, w), &Device::Cpu)?;
+        let want = reference.forward(&x)?;
+        let got = reduced.forward(&x)?;
+        let top = |t: &Tensor| t.argmax(candle_core::D::Minus1)?.to_vec1::<u32>();
+        same += top(&want)?
+            .iter()
+            .zip(top(&got)?)
+            .filter(|(a, b)| **a == *b)
+            .count();
+        let scalar =
+            |t: Tensor| -> Result<f32> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
+        max_diff = max_diff.max(scalar((&got - &want)?)?);
+        max_logit = max_logit.max(scalar(want)?);
+    }
+    Ok(Agreement {
+        top1: same as f64 / n.max(1) as f64,
+        max_diff,
+        max_logit,
+    })
+}
+
+/// Decode + Pillow-exact resize + centre crop + normalise, per image, over a
+/// pool of `--threads` threads; a single-threaded pass gives the split by stage.
+fn bench_preprocess(args: &BenchArgs) -> Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(rayon::current_num_threads)
+        .max(1);
+    let t = EvalTransform::from_crop_pct(
+        (224, 224),
+        args.crop_pct,
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+    );
+    let one = |path: &PathBuf| -> Result<Vec<f32>> { t.preprocess(&load_rgb(path)?) };
+    for p in &args.preprocess {
+        one(p)?; // warm the page cache; fail early on a bad file
+    }
+    let (mut decode, mut resize, mut crop_norm) = (0f64, 0f64, 0f64);
+    for _ in 0..args.repeat {
+        for p in &args.preprocess {
+            let t0 = Instant::now();
+            let img = load_rgb(p)?;
+            let t1 = Instant::now();
+            let resized = t.resize_short_side(&img);
+            let t2 = Instant::now();
+            let data = t.to_tensor_data(&center_crop(&resized, t.crop.0, t.crop.1));
+            std::hint::black_box(data);
+            decode += (t1 - t0).as_secs_f64();
+            resize += (t2 - t1).as_secs_f64();
+            crop_norm += t2.elapsed().as_secs_f64();
+        }
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let work: Vec<&PathBuf> = (0..args.repeat).flat_map(|_| &args.preprocess).collect();
+    let start = Instant::now();
+    pool.install(|| {
+        work.par_iter()
+            .try_for_each(|p| one(p).map(std::hint::black_box).map(|_| ()))
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let ips = work.len() as f64 / secs;
+    let n = work.len() as f64;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "system": "beitv2", "what": "preprocess", "threads": threads,
+                "images": args.preprocess.len(), "repeat": args.repeat, "images_per_s": ips,
+                "decode_s": decode, "resize_s": resize, "crop_norm_s": crop_norm,
+            })
+        );
+    } else {
+        println!(
+            "preprocess: {ips:.1} images/s on {threads} thread(s); one thread per image: \
+             decode {:.2} ms, resize {:.2} ms, crop+normalise {:.2} ms",
+            1e3 * decode / n,
+            1e3 * resize / n,
+            1e3 * crop_norm / n
+        );
+    }
+    Ok(())
+}
+
+/// One optimisation step of fine-tuning: forward with drop path 0.1,
+/// cross-entropy, backward, AdamW (lr 1e-3, weight decay 0.05), on random
+/// images and labels.
+fn bench_train_step(args: &BenchArgs) -> Result<()> {
+    let mut cfg = BeitConfig::preset(&args.arch)?;
+    cfg.drop_path_rate = 0.1;
+    let b = *args.batch_size.first().unwrap_or(&8);
+    let task = Finetune::new(&cfg, init_weights(&cfg, 0)?)?;
+    let optim = OptimConfig {
+        lr: 1e-3,
+        min_lr: 0.0,
+        weight_decay: 0.05,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        layer_decay: 1.0,
+        clip_grad: 0.0,
+    };
+    let lr = optim.lr;
+    let mut opt = AdamW::new(task.trainable(), cfg.depth, optim)?;
+    let [h, w] = cfg.img_size;
+    let x = Tensor::randn(0f32, 1.0, (b, cfg.in_chans, h, w), &Device::Cpu)?;
+    let labels: Vec<usize> = (0..b).map(|i| (i * 7919) % cfg.num_classes).collect();
+    let targets = smoothed_targets(&labels, cfg.num_classes, 0.0)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut phases = Vec::new();
+    for _ in 0..args.warmup + args.iters.max(1) {
+        let t0 = Instant::now();
+        let loss = soft_target_cross_entropy(&task.logits(&x, Some(&mut rng))?, &targets)?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        opt.step(&grads, lr)?;
+        let t3 = Instant::now();
+        phases.push([t1 - t0, t2 - t1, t3 - t2, t3 - t0].map(|d| d.as_secs_f64()));
+    }
+    let timed = &phases[args.warmup.min(phases.len() - 1)..];
+    let median = |i: usize| {
+        let mut v: Vec<f64> = timed.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (fwd, bwd, step, total) = (median(0), median(1), median(2), median(3));
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "system": "beitv2", "what": "train_step", "arch": args.arch, "batch_size": b,
+                "median_s": total, "images_per_s": b as f64 / total, "forward_s": fwd,
+                "backward_s": bwd, "optimizer_s": step, "peak_rss_mb": rss,
+            })
+        );
+    } else {
+        println!(
+            "train step {} batch {b}: {total:.3} s ({:.2} images/s): forward {fwd:.3} s, \
+             backward {bwd:.3} s, AdamW {step:.3} s; peak RSS {rss:.0} MiB",
+            args.arch,
+            b as f64 / total
+        );
     }
     Ok(())
 }

@@ -19,6 +19,9 @@ pub enum Format {
 pub struct ClassifyArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Precision of the transformer blocks' linear layers (bf16/int8 use Intel AMX where present).
+    #[arg(long, value_enum, default_value_t = crate::kernels::Precision::F32)]
+    pub dtype: crate::kernels::Precision,
     #[command(flatten)]
     pub pre: PreprocessArgs,
     /// How many classes to show per image.
@@ -97,7 +100,7 @@ fn write_result(out: &mut impl Write, format: Format, r: &ImageResult) -> Result
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
     let paths = inputs::expand_paths(&args.paths)?;
-    let model = args.model.load()?;
+    let model = args.model.load(args.dtype)?;
     let cfg = &model.cfg;
     if cfg.num_classes == 0 {
         anyhow::bail!("the model has no classifier head; use `beitv2 features` instead");

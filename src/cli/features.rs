@@ -28,6 +28,9 @@ pub enum Kind {
 pub struct FeaturesArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Precision of the transformer blocks' linear layers (bf16/int8 use Intel AMX where present).
+    #[arg(long, value_enum, default_value_t = crate::kernels::Precision::F32)]
+    pub dtype: crate::kernels::Precision,
     #[command(flatten)]
     pub pre: PreprocessArgs,
     #[arg(long, value_enum, default_value_t = Kind::Mean)]
@@ -151,7 +154,7 @@ pub fn run(args: FeaturesArgs) -> Result<()> {
     }
     output_kind(&args.output)?;
     let paths = inputs::expand_paths(&args.paths)?;
-    let model = args.model.load()?;
+    let model = args.model.load(args.dtype)?;
     let transform = args.pre.transform(&model.cfg)?;
     let pb = progress(paths.len(), "embedding");
     let mut names = Vec::new();

@@ -89,10 +89,17 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
 }
 
 impl ModelArgs {
-    /// Resolves the weights file and loads the model.
-    pub fn load(&self) -> Result<Beit> {
+    /// Resolves the weights file and loads the model for inference at `dtype`.
+    pub fn load(&self, dtype: crate::kernels::Precision) -> Result<Beit> {
         let (cfg, weights) = self.load_weights()?;
-        checkpoint::build_model(&cfg, weights)
+        let mut model = checkpoint::build_model(&cfg, weights)?;
+        if dtype.quant().is_some() && !crate::kernels::packed::accelerated() {
+            tracing::warn!(
+                "this CPU has no usable Intel AMX: --dtype {dtype:?} runs portable loops (correct, but far slower than f32)"
+            );
+        }
+        model.set_precision(dtype)?;
+        Ok(model)
     }
 
     /// Resolves the weights file, picks the config and fits the weights to it.

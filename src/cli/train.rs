@@ -171,6 +171,9 @@ fn open_data(recipe: &Recipe) -> Result<(Data, Option<Data>)> {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Precision of the transformer blocks' linear layers (bf16/int8 use Intel AMX where present).
+    #[arg(long, value_enum, default_value_t = crate::kernels::Precision::F32)]
+    pub dtype: crate::kernels::Precision,
     /// Labelled data: an image folder with class subfolders or fashion-mnist:test.
     #[arg(long)]
     pub data: String,
@@ -211,7 +214,7 @@ impl Task for Classifier {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let model = args.model.load()?;
+    let model = args.model.load(args.dtype)?;
     let data = Arc::new(open_dataset(&args.data)?);
     let mut t = eval_transform(&model.cfg);
     let crop_pct = args.crop_pct.unwrap_or(model.cfg.crop_pct);
