@@ -2,13 +2,13 @@
 //! element-wise step (GELU, or the γ-scaled residual add) applied to each
 //! finished 32×32 output block while it is still in cache.
 //!
-//! bf16 and int8 run on Intel AMX (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids and
-//!   later), issued through inline assembly because Rust's AMX intrinsics are
-//!   not stable. Tiles are 16 rows × 64 bytes; a 2×2 block of accumulator
-//!   tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
-//!   (output channel) and one per activation row (token).
+//! bf16 and int8 run on Intel AMX (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids
+//! and later), issued through inline assembly because Rust's AMX intrinsics
+//! are not stable. Tiles are 16 rows × 64 bytes; a 2×2 block of accumulator
+//! tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
+//! (output channel) and one per activation row (token).
 //!
-//! Without AVX-512 or AMX a portable loop over the same packed layout gives
+//! Without AMX a portable loop over the same packed layout gives
 //! the same numbers slowly, so results never depend on the CPU.
 
 use super::math::gelu;
@@ -222,6 +222,9 @@ impl PackedWeight {
         }
         if let Epilogue::Residual { gamma: Some(g) } = epilogue {
             assert_eq!(g.len(), self.out_dim, "layer scale has the wrong size");
+        }
+        if rows == 0 || self.out_dim == 0 {
+            return;
         }
         let kernel = Kernel::select();
         let acts = Activations::convert(x, rows, self);
@@ -705,6 +708,7 @@ mod tests {
             }
         }
         force_portable(false);
+        packed.matmul(&[], 0, Some(&bias), Epilogue::Store, &mut []); // no rows: no work
         // The packed weight stays within half a step of the f32 one.
         let step = |v: f32| match quant {
             Quant::Bf16 => v.abs() / 256.0,
