@@ -30,6 +30,7 @@ pub mod linear;
 pub mod math;
 pub mod packed;
 pub mod profile;
+pub mod scratch;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};

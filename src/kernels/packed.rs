@@ -12,6 +12,7 @@
 //! the same numbers slowly, so results never depend on the CPU.
 
 use super::math::gelu;
+use super::scratch::{self, Scratch};
 use rayon::prelude::*;
 
 /// Output columns per packed panel (two 16-column tiles).
@@ -439,8 +440,7 @@ multiversion! {
         epilogue: Epilogue
     ) {
         let n = dst.len();
-        let mut v = [0f32; NB];
-        v[..n].copy_from_slice(acc);
+        let mut v: [f32; NB] = acc.try_into().expect("a block row is 32 wide");
         if let Some(ws) = w_scales {
             for (v, &w) in v.iter_mut().zip(ws) {
                 *v *= a_scale * w;
@@ -452,7 +452,10 @@ multiversion! {
             }
         }
         match epilogue {
-            Epilogue::Store => dst.copy_from_slice(&v[..n]),
+            Epilogue::Store => match <&mut [f32; NB]>::try_from(&mut *dst) {
+                Ok(full) => *full = v,
+                Err(_) => dst.copy_from_slice(&v[..n]),
+            },
             Epilogue::Gelu => {
                 for (d, &v) in dst.iter_mut().zip(&v) {
                     *d = gelu(v);
@@ -505,9 +508,10 @@ pub fn accelerated() -> bool {
     amx::available()
 }
 
-/// Activations prepared for one call: bf16/int8 rows padded to whole 32-row blocks and k blocks (zeros) for the tile loads.
+/// Activations prepared for one call: bf16/int8 rows padded with zeros to
+/// whole 32-row blocks and k blocks for the tile loads.
 struct Activations {
-    bytes: Vec<u8>,
+    bytes: Scratch<u8>,
     k_pad: usize,
     /// Per-row scale (int8 only).
     scales: Vec<f32>,
@@ -516,28 +520,24 @@ struct Activations {
 impl Activations {
     fn convert(x: &[f32], rows: usize, w: &PackedWeight) -> Self {
         let (k, k_pad, quant) = (w.in_dim, w.k_pad, w.quant);
-        let mut acts = Self {
-            bytes: Vec::new(),
-            k_pad,
-            scales: Vec::new(),
+        let scales: Vec<f32> = match quant {
+            Quant::Int8 => x.par_chunks(k).map(int8_scale).collect(),
+            Quant::Bf16 => Vec::new(),
         };
-        if quant == Quant::Int8 {
-            acts.scales = x.par_chunks(k).map(int8_scale).collect();
-        }
         let esize = quant.elem_bytes();
-        let mut bytes = vec![0u8; rows.div_ceil(MB) * MB * k_pad * esize];
-        bytes
-            .par_chunks_mut(k_pad * esize)
-            .take(rows)
+        let row_bytes = k_pad * esize;
+        let mut bytes = scratch::take::<u8>(rows.div_ceil(MB) * MB * row_bytes);
+        let (data, padding) = bytes.split_at_mut(rows * row_bytes);
+        padding.fill(0);
+        data.par_chunks_mut(row_bytes)
             .zip(x.par_chunks(k))
-            .zip(
-                acts.scales
-                    .par_iter()
-                    .chain(rayon::iter::repeat_n(&1.0, rows)),
-            )
+            .zip(scales.par_iter().chain(rayon::iter::repeat_n(&1.0, rows)))
             .for_each(|((dst, src), &scale)| convert_row(dst, src, quant == Quant::Int8, scale));
-        acts.bytes = bytes;
-        acts
+        Self {
+            bytes,
+            k_pad,
+            scales,
+        }
     }
 
     fn bf16_at(&self, m: usize, k: usize) -> f32 {
@@ -551,17 +551,20 @@ impl Activations {
 }
 
 multiversion! {
-    /// One activation row to bf16 (round to nearest even) or to int8 with `scale`.
+    /// One activation row to bf16 (round to nearest even) or to int8 with
+    /// `scale`, zero-filling the k padding.
     fn convert_row(dst: &mut [u8], src: &[f32], int8: bool, scale: f32) {
         if int8 {
             let inv = 1.0 / scale;
             for (d, &v) in dst.iter_mut().zip(src) {
                 *d = to_i8(v, inv) as u8;
             }
+            dst[src.len()..].fill(0);
         } else {
             for (d, &v) in dst.chunks_exact_mut(2).zip(src) {
                 d.copy_from_slice(&bf16_bits(v).to_le_bytes());
             }
+            dst[2 * src.len()..].fill(0);
         }
     }
 }

@@ -5,7 +5,7 @@ use super::config::{BeitConfig, RelPosBias};
 use super::layers::{LayerNorm, Linear, Mlp, drop_path, linear, softmax_last};
 use super::rel_pos::{gather_bias, table_len};
 use crate::kernels::attention::{AttentionDims, attention};
-use crate::kernels::{self, Epilogue, Quant, cpu_f32, is_plain_cpu_f32, profile};
+use crate::kernels::{self, Epilogue, Quant, cpu_f32, is_plain_cpu_f32, profile, scratch};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
@@ -135,7 +135,7 @@ impl Attention {
         out: &mut [f32],
     ) -> Result<()> {
         let c = self.proj.out_dim();
-        let mut qkv = vec![0f32; b * n * 3 * c];
+        let mut qkv = scratch::take::<f32>(b * n * 3 * c);
         self.qkv
             .forward_into("linear.qkv", x, b * n, Epilogue::Store, &mut qkv)?;
         let bias = match (&self.frozen_bias, shared_bias) {
@@ -238,8 +238,8 @@ impl Block {
         let (b, n, c) = x.dims3()?;
         let rows = b * n;
         let mut stream = kernels::with_f32(x, |s| Ok(s.to_vec()))?;
-        let mut normed = vec![0f32; rows * c];
-        let mut branch = vec![0f32; rows * c];
+        let mut normed = scratch::take::<f32>(rows * c);
+        let mut branch = scratch::take::<f32>(rows * c);
         let (g1, g2) = (
             self.gamma_1.as_ref().map(|t| t.storage_and_layout()),
             self.gamma_2.as_ref().map(|t| t.storage_and_layout()),
@@ -258,7 +258,7 @@ impl Block {
             &mut stream,
         )?;
         self.norm2.forward_into(&stream, &mut normed)?;
-        let mut hidden = vec![0f32; rows * self.mlp.fc1.out_dim()];
+        let mut hidden = scratch::take::<f32>(rows * self.mlp.fc1.out_dim());
         self.mlp.fc1.forward_into(
             "linear.fc1+gelu",
             &normed,
