@@ -310,7 +310,7 @@ impl PackedWeight {
             let a_scale = acts.scales.get(m).copied().unwrap_or(1.0);
             finish_row(
                 dst,
-                &tile[r * NB..r * NB + ncols],
+                &tile[r * NB..(r + 1) * NB],
                 a_scale,
                 w_scales,
                 bias,
