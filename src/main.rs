@@ -6,7 +6,29 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    fn mi_option_get(option: i32) -> std::ffi::c_long;
+    fn mi_option_set(option: i32, value: std::ffi::c_long);
+}
+
+/// Keeps freed memory in the process instead of returning it to the OS after
+/// 10 ms: training allocates and frees the same large buffers every step, and
+/// each return costs a round of page zeroing (docs/perf.md). `mi_option_purge_delay`
+/// is option 15 in mimalloc v2 and v3; its default of 10 confirms the index.
+fn retain_freed_memory() {
+    const MI_OPTION_PURGE_DELAY: i32 = 15;
+    // SAFETY: plain calls into the linked mimalloc; option 15 exists in both
+    // versions the crate can build, and it is only written when it reads as
+    // the documented purge-delay default.
+    unsafe {
+        if mi_option_get(MI_OPTION_PURGE_DELAY) == 10 {
+            mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    retain_freed_memory();
     let cli = beitv2::cli::Cli::parse();
     beitv2::cli::init_logging(cli.verbose);
     match beitv2::cli::run(cli) {
