@@ -81,8 +81,11 @@ fn fused_kernels_match_the_composite_path_and_reduced_precision_stays_close() {
                 "{case}: packed path not taken"
             );
         }
+        // fp32 packed for the small-batch AVX-512 kernel (where the CPU has it).
         model.set_precision(Precision::F32).unwrap();
-        assert_eq!(max_abs_diff(&model.forward(x).unwrap(), &fused), 0.0);
+        let packed = model.forward(x).unwrap();
+        let d = max_abs_diff(&packed, &composite);
+        assert!(d <= 1e-5, "{case}: packed fp32 vs composite {d}");
         assert_eq!(argmax(&fused), argmax(want), "{case}: fp32 top-1");
     }
 }

@@ -5,6 +5,7 @@
 
 use super::math::{add_scaled_residual, gelu_inplace};
 use super::packed::{Epilogue, PackedWeight};
+use super::sgemm::PackedF32;
 use rayon::prelude::*;
 
 /// The weight of a linear layer, `(out, in)` as PyTorch stores it.
@@ -16,6 +17,7 @@ pub enum WeightRef<'a> {
         in_dim: usize,
     },
     Packed(&'a PackedWeight),
+    PackedF32(&'a PackedF32),
 }
 
 impl WeightRef<'_> {
@@ -25,6 +27,7 @@ impl WeightRef<'_> {
                 out_dim, in_dim, ..
             } => (*out_dim, *in_dim),
             WeightRef::Packed(p) => (p.out_dim(), p.in_dim()),
+            WeightRef::PackedF32(p) => (p.out_dim(), p.in_dim()),
         }
     }
 }
@@ -53,6 +56,7 @@ pub fn linear(
     assert_eq!(out.len(), rows * n, "linear output has the wrong size");
     let data = match w {
         WeightRef::Packed(p) => return p.matmul(x, rows, bias, epilogue, out),
+        WeightRef::PackedF32(p) => return p.matmul(x, rows, bias, epilogue, out),
         WeightRef::F32 { data, .. } => data,
     };
     assert_eq!(data.len(), n * k, "linear weight has the wrong size");

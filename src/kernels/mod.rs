@@ -31,6 +31,7 @@ pub mod math;
 pub mod packed;
 pub mod profile;
 pub mod scratch;
+pub mod sgemm;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,8 +79,7 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// How the blocks' weights are packed (fp32 runs the `gemm` crate on the
-    /// weights as loaded).
+    /// The AMX packing of a reduced precision (None for fp32).
     pub fn quant(self) -> Option<Quant> {
         match self {
             Precision::F32 => None,

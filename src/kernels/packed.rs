@@ -431,7 +431,7 @@ impl PackedWeight {
 
 multiversion! {
     /// One output row of a block: scale (int8), bias, then the epilogue.
-    fn finish_row(
+    pub(super) fn finish_row(
         dst: &mut [f32],
         acc: &[f32],
         a_scale: f32,

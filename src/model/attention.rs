@@ -5,7 +5,7 @@ use super::config::{BeitConfig, RelPosBias};
 use super::layers::{LayerNorm, Linear, Mlp, drop_path, linear, softmax_last};
 use super::rel_pos::{gather_bias, table_len};
 use crate::kernels::attention::{AttentionDims, attention};
-use crate::kernels::{self, Epilogue, Quant, cpu_f32, is_plain_cpu_f32, profile, scratch};
+use crate::kernels::{self, Epilogue, Precision, cpu_f32, is_plain_cpu_f32, profile, scratch};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
@@ -217,18 +217,22 @@ impl Block {
         })
     }
 
-    /// Packs the four linear layers for `quant` (None: fp32). Only for
-    /// constant weights: a trainable block is refused.
-    pub fn set_quant(&mut self, quant: Option<Quant>) -> Result<()> {
-        if quant.is_some() && !self.fusable {
+    /// Packs the four linear layers for the inference kernels at
+    /// `precision`. A block being trained keeps candle's ops: fp32 is a
+    /// no-op there and reduced precision is refused.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if !self.fusable {
+            if precision == Precision::F32 {
+                return Ok(());
+            }
             candle_core::bail!(
                 "reduced precision needs constant f32 CPU weights (not a model being trained)"
             );
         }
-        self.attn.qkv.set_quant(quant)?;
-        self.attn.proj.set_quant(quant)?;
-        self.mlp.fc1.set_quant(quant)?;
-        self.mlp.fc2.set_quant(quant)
+        self.attn.qkv.set_precision(precision)?;
+        self.attn.proj.set_precision(precision)?;
+        self.mlp.fc1.set_precision(precision)?;
+        self.mlp.fc2.set_precision(precision)
     }
 
     /// Inference kernels for the whole block: LayerNorm, qkv GEMM with its

@@ -147,11 +147,13 @@ impl Beit {
         })
     }
 
-    /// Precision of the blocks' linear layers at inference. bf16/int8 pack the
-    /// weights once (AMX kernels where the CPU has them); fp32 drops the packs.
+    /// Precision of the blocks' linear layers at inference. The weights are
+    /// packed once: bf16/int8 into AMX tiles (portable loops without AMX),
+    /// fp32 into panels for the small-batch AVX-512 kernel. Without this call
+    /// fp32 inference runs the `gemm` crate on the weights as loaded.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         for blk in &mut self.blocks {
-            blk.set_quant(precision.quant())?;
+            blk.set_precision(precision)?;
         }
         Ok(())
     }

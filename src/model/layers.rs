@@ -3,7 +3,8 @@
 //! otherwise, so one model definition serves inference and training.
 
 use crate::kernels::linear::WeightRef;
-use crate::kernels::{self, Epilogue, PackedWeight, Quant, cpu_f32, profile};
+use crate::kernels::sgemm::{PackedF32, SGEMM_MAX_ROWS};
+use crate::kernels::{self, Epilogue, PackedWeight, Precision, cpu_f32, profile};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::Rng;
@@ -17,6 +18,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The weight packed for the reduced-precision kernels, when chosen.
     packed: Option<Arc<PackedWeight>>,
+    /// The weight in fp32 panels for small batches, when packed.
+    packed_f32: Option<Arc<PackedF32>>,
 }
 
 impl Linear {
@@ -35,6 +38,7 @@ impl Linear {
             weight,
             bias,
             packed: None,
+            packed_f32: None,
         }
     }
 
@@ -46,20 +50,29 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// Packs the weight for `quant` (None: back to fp32).
-    pub fn set_quant(&mut self, quant: Option<Quant>) -> Result<()> {
-        self.packed = match quant {
-            None => None,
+    /// Packs the weight for the inference kernels at `precision`: bf16/int8
+    /// tiles for AMX, or fp32 panels for the small-batch AVX-512 kernel.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let (n, k) = self.weight.dims2()?;
+        self.packed = None;
+        self.packed_f32 = None;
+        match precision.quant() {
             Some(q) => {
-                let (n, k) = self.weight.dims2()?;
-                Some(Arc::new(kernels::with_f32(&self.weight, |w| {
+                self.packed = Some(Arc::new(kernels::with_f32(&self.weight, |w| {
                     Ok(PackedWeight::pack(w, n, k, q))
                 })?))
             }
-        };
+            None if kernels::has_avx512() => {
+                self.packed_f32 = Some(Arc::new(kernels::with_f32(&self.weight, |w| {
+                    Ok(PackedF32::pack(w, n, k))
+                })?))
+            }
+            None => {}
+        }
         Ok(())
     }
 
+    /// Whether bf16/int8 packed weights are in use.
     pub fn is_packed(&self) -> bool {
         self.packed.is_some()
     }
@@ -81,9 +94,10 @@ impl Linear {
             Some((s, l)) => Some(cpu_f32(s, l)?),
             None => None,
         };
-        let w = match &self.packed {
-            Some(p) => WeightRef::Packed(p),
-            None => WeightRef::F32 {
+        let w = match (&self.packed, &self.packed_f32) {
+            (Some(p), _) => WeightRef::Packed(p),
+            (None, Some(p)) if rows <= SGEMM_MAX_ROWS => WeightRef::PackedF32(p),
+            _ => WeightRef::F32 {
                 data: cpu_f32(&ws, wl)?,
                 out_dim: n,
                 in_dim: k,
