@@ -72,6 +72,18 @@ pub fn gelu(x: f32) -> f32 {
 }
 
 multiversion! {
+    /// `dx = g · (Φ(x) + x·φ(x))`, the derivative of exact GELU.
+    pub fn gelu_grad(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+            *d = g * (cdf + x * pdf);
+        }
+    }
+}
+
+multiversion! {
     /// GELU applied in place.
     fn gelu_slice(x: &mut [f32]) {
         for v in x.iter_mut() {

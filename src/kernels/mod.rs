@@ -26,6 +26,7 @@ macro_rules! multiversion {
 }
 
 pub mod attention;
+pub mod autograd;
 pub mod linear;
 pub mod math;
 pub mod packed;

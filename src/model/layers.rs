@@ -4,7 +4,7 @@
 
 use crate::kernels::linear::WeightRef;
 use crate::kernels::sgemm::{PackedF32, SGEMM_MAX_ROWS};
-use crate::kernels::{self, Epilogue, PackedWeight, Precision, cpu_f32, profile};
+use crate::kernels::{self, Epilogue, PackedWeight, Precision, autograd, cpu_f32, profile};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::Rng;
@@ -165,6 +165,9 @@ impl LayerNorm {
             let x = x.contiguous()?;
             return candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32);
         }
+        if let Some(y) = autograd::layer_norm_op(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let dim = x.dim(D::Minus1)? as f64;
         let mean = (x.sum_keepdim(D::Minus1)? / dim)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -177,6 +180,9 @@ impl LayerNorm {
 /// Softmax over the last axis.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if tracked(&[x]) {
+        if let Some(y) = autograd::softmax_op(x)? {
+            return Ok(y);
+        }
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
@@ -205,7 +211,14 @@ impl Mlp {
         };
         let h = {
             let _t = profile::scope("gelu", 0.0);
-            h.gelu_erf()?
+            let fused = match h.track_op() {
+                true => autograd::gelu_op(&h)?,
+                false => None,
+            };
+            match fused {
+                Some(y) => y,
+                None => h.gelu_erf()?,
+            }
         };
         let _t = profile::scope("linear.fc2", 0.0);
         self.fc2.forward(&h)

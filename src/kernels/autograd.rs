@@ -1,0 +1,344 @@
+//! Differentiable fused ops for training: LayerNorm, softmax over the last
+//! axis and exact GELU as candle custom ops with their own backward passes.
+//! Each replaces a chain of candle ops (and their allocations and
+//! single-threaded reductions) with one multi-threaded pass forward and one
+//! backward. f32 CPU tensors only; callers fall back to composites otherwise.
+
+use super::math::{self, layer_norm};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task for row-wise kernels.
+fn chunk_rows(width: usize) -> usize {
+    (16384 / width.max(1)).max(1)
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of `t`.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    super::with_f32(t, f)
+}
+
+/// LayerNorm over the last axis: `x`, weight, bias → y.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "beitv2-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "layer norm input")?,
+            slice(s2, l2, "layer norm weight")?,
+            slice(s3, l3, "layer norm bias")?,
+        );
+        let mut out = vec![0f32; x.len()];
+        layer_norm(x, w, b, self.eps, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = w.dim(0)?;
+        let (dx, dw, db) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(grad, |g| Ok(layer_norm_backward(x, w, g, self.eps)))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, c, dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
+    }
+}
+
+/// Gradients of LayerNorm: with x̂ = (x − μ)·r and ĝ = g ∘ w,
+/// dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ∘ x̂)), dw = Σ g ∘ x̂, db = Σ g.
+fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = w.len();
+    let rows = chunk_rows(c);
+    let mut dx = vec![0f32; x.len()];
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(rows * c)
+        .zip(x.par_chunks(rows * c).zip(g.par_chunks(rows * c)))
+        .map(|(dx, (x, g))| {
+            let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+            let mut xhat = vec![0f32; c];
+            for ((dx, x), g) in dx
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c))
+                .zip(g.chunks_exact(c))
+            {
+                let n = c as f32;
+                let mean = x.iter().sum::<f32>() / n;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+                let r = 1.0 / (var + eps).sqrt();
+                let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                for i in 0..c {
+                    xhat[i] = (x[i] - mean) * r;
+                    let gh = g[i] * w[i];
+                    sum_g += gh;
+                    sum_gx += gh * xhat[i];
+                    dw[i] += g[i] * xhat[i];
+                    db[i] += g[i];
+                }
+                let (mg, mgx) = (sum_g / n, sum_gx / n);
+                for i in 0..c {
+                    dx[i] = r * (g[i] * w[i] - mg - xhat[i] * mgx);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+    for (pw, pb) in partials {
+        dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    (dx, dw, db)
+}
+
+/// Softmax over the last axis.
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "beitv2-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "softmax input")?;
+        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = x.to_vec();
+        out.par_chunks_mut(chunk_rows(n) * n)
+            .for_each(|rows| rows.chunks_exact_mut(n).for_each(math::softmax_row));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// dx = y ∘ (g − Σ g ∘ y) per row.
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let n = res.dim(candle_core::D::Minus1)?.max(1);
+        let dx = with_data(res, |y| {
+            with_data(grad, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(chunk_rows(n) * n)
+                    .zip(
+                        y.par_chunks(chunk_rows(n) * n)
+                            .zip(g.par_chunks(chunk_rows(n) * n)),
+                    )
+                    .for_each(|(dx, (y, g))| {
+                        for ((dx, y), g) in dx
+                            .chunks_exact_mut(n)
+                            .zip(y.chunks_exact(n))
+                            .zip(g.chunks_exact(n))
+                        {
+                            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                            for i in 0..n {
+                                dx[i] = y[i] * (g[i] - dot);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// Exact (erf) GELU.
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "beitv2-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut out = slice(s, l, "gelu input")?.to_vec();
+        math::gelu_inplace(&mut out);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// d gelu/dx = Φ(x) + x·φ(x).
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_data(arg, |x| {
+            with_data(grad, |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(16384)
+                    .zip(x.par_chunks(16384).zip(g.par_chunks(16384)))
+                    .for_each(|(dx, (x, g))| math::gelu_grad(x, g, dx));
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+fn plain(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+/// Differentiable LayerNorm, or None when the tensors are not f32 on the CPU.
+pub fn layer_norm_op(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !plain(&[x, w, b]) {
+        return Ok(None);
+    }
+    let op = LayerNormOp { eps: eps as f32 };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        op,
+    )?))
+}
+
+/// Differentiable softmax over the last axis, or None off the f32 CPU path.
+pub fn softmax_op(x: &Tensor) -> Result<Option<Tensor>> {
+    if !plain(&[x]) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(SoftmaxOp)?))
+}
+
+/// Differentiable exact GELU, or None off the f32 CPU path.
+pub fn gelu_op(x: &Tensor) -> Result<Option<Tensor>> {
+    if !plain(&[x]) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(GeluOp)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Forward values and gradients (through a random weighting of the
+    /// output) of `fused` and `reference` agree.
+    fn check(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        reference: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), reference(&ts));
+        assert!(
+            max_diff(&a, &b) <= tol,
+            "forward differs by {}",
+            max_diff(&a, &b)
+        );
+        let weight = rand(a.dims(), 99);
+        let ga = (&a * &weight)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (&b * &weight)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            let (x, y) = (ga.get(t).unwrap(), gb.get(t).unwrap());
+            let d = max_diff(x, y);
+            assert!(d <= tol, "gradient of input {i} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_candle_composite() {
+        let eps = 1e-6;
+        check(
+            &[rand(&[3, 5, 48], 1), rand(&[48], 2), rand(&[48], 3)],
+            |t| layer_norm_op(&t[0], &t[1], &t[2], eps).unwrap().unwrap(),
+            |t| {
+                let x = &t[0];
+                let mean = x.mean_keepdim(D::Minus1).unwrap();
+                let xc = x.broadcast_sub(&mean).unwrap();
+                let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let xn = xc
+                    .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                    .unwrap();
+                xn.broadcast_mul(&t[1])
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn softmax_and_gelu_match_candle_ops() {
+        check(
+            &[rand(&[2, 3, 7, 33], 4)],
+            |t| softmax_op(&t[0]).unwrap().unwrap(),
+            |t| candle_nn::ops::softmax(&t[0], D::Minus1).unwrap(),
+            1e-6,
+        );
+        check(
+            &[rand(&[4, 100], 5)],
+            |t| gelu_op(&t[0]).unwrap().unwrap(),
+            |t| t[0].gelu_erf().unwrap(),
+            2e-6,
+        );
+    }
+}
