@@ -204,6 +204,137 @@ impl CustomOp1 for GeluOp {
     }
 }
 
+/// `y = x·Wᵀ + b` for x (rows, in), W (out, in), b (out).
+struct LinearOp;
+
+/// `dst = lhs · rhs` on the `gemm` crate, all row-major except where the
+/// strides say otherwise: (rows, cols, depth, dst, lhs (ptr, rs, cs), rhs (ptr, rs, cs)).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    assert_eq!(dst.len(), m * n, "gemm output has the wrong size");
+    // SAFETY: the callers pass strides that keep every m×k / k×n access inside
+    // `lhs` / `rhs` (asserted through their lengths); dst is m×n row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "beitv2-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "linear input")?,
+            slice(s2, l2, "linear weight")?,
+            slice(s3, l3, "linear bias")?,
+        );
+        let (rows, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 || b.len() != n {
+            candle_core::bail!(
+                "linear: input {rows}×{k}, weight {n}×{k2}, bias {}",
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; rows * n];
+        let weight = super::linear::WeightRef::F32 {
+            data: w,
+            out_dim: n,
+            in_dim: k,
+        };
+        super::linear::linear(x, rows, weight, Some(b), super::Epilogue::Store, &mut out);
+        Ok((CpuStorage::F32(out), (rows, n).into()))
+    }
+
+    /// dx = g·W, dW = gᵀ·x, db = Σ_rows g.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let (dx, dw, db) = with_data(x, |x| {
+            with_data(w, |w| {
+                with_data(grad, |g| {
+                    let mut dx = vec![0f32; rows * k];
+                    gemm_into(rows, k, n, &mut dx, g, (n, 1), w, (k, 1));
+                    let mut dw = vec![0f32; n * k];
+                    gemm_into(n, k, rows, &mut dw, g, (1, n), x, (k, 1));
+                    Ok((dx, dw, column_sums(g, n)))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, k), dev)?),
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
+            Some(Tensor::from_vec(db, n, dev)?),
+        ))
+    }
+}
+
+/// Sums of the columns of a row-major matrix `width` wide, in parallel.
+fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
+    g.par_chunks(chunk_rows(width) * width)
+        .map(|chunk| {
+            let mut s = vec![0f32; width];
+            for row in chunk.chunks_exact(width) {
+                s.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            s
+        })
+        .reduce(
+            || vec![0f32; width],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
 fn plain(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
@@ -219,6 +350,18 @@ pub fn layer_norm_op(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Opt
         &w.contiguous()?,
         &b.contiguous()?,
         op,
+    )?))
+}
+
+/// Differentiable `x·Wᵀ + b` for 2-D `x`, or None off the f32 CPU path.
+pub fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !plain(&[x, w, b]) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LinearOp,
     )?))
 }
 
@@ -318,6 +461,21 @@ mod tests {
                     .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
                     .unwrap();
                 xn.broadcast_mul(&t[1])
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn linear_matches_candle_matmul() {
+        check(
+            &[rand(&[37, 24], 6), rand(&[40, 24], 7), rand(&[40], 8)],
+            |t| linear_op(&t[0], &t[1], &t[2]).unwrap().unwrap(),
+            |t| {
+                t[0].matmul(&t[1].t().unwrap())
                     .unwrap()
                     .broadcast_add(&t[2])
                     .unwrap()

@@ -114,10 +114,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let (lead, in_dim) = dims.split_at(dims.len() - 1);
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_dim[0]))?;
-    let mut y = x2.matmul(&weight.t()?)?;
-    if let Some(b) = bias {
-        y = y.broadcast_add(b)?;
-    }
+    let fused = match bias {
+        Some(b) if tracked(&[x, weight, b]) => autograd::linear_op(&x2, weight, b)?,
+        _ => None,
+    };
+    let y = match (fused, bias) {
+        (Some(y), _) => y,
+        (None, Some(b)) => x2.matmul(&weight.t()?)?.broadcast_add(b)?,
+        (None, None) => x2.matmul(&weight.t()?)?,
+    };
     let mut out_shape = lead.to_vec();
     out_shape.push(weight.dim(0)?);
     y.reshape(out_shape)
