@@ -48,44 +48,13 @@ pub fn attention(
         |scores, task| {
             let (img, h) = (task / heads, task % heads);
             let rows = &qkv[img * n * 3 * c..(img + 1) * n * 3 * c];
-            let q = rows[h * d..].as_ptr();
-            let k = rows[c + h * d..].as_ptr();
+            probabilities(rows, h, dims, scale, bias, scores);
             let v = rows[2 * c + h * d..].as_ptr();
-            if let Some(b) = bias {
-                scores.copy_from_slice(&b[h * n * n..(h + 1) * n * n]);
-            }
             let ld = (3 * c) as isize;
-            // SAFETY: every pointer/stride pair stays inside `rows` or
-            // `scores` for the m×n×k given; the output columns of distinct
-            // tasks are disjoint, so concurrent writes never overlap.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    n,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    bias.is_some(),
-                    q,
-                    1,
-                    ld,
-                    k,
-                    ld,
-                    1,
-                    1.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_exact_mut(n) {
-                softmax_row(row);
-            }
             let dst = (out_addr as *mut f32).wrapping_add(img * n * c + h * d);
-            // SAFETY: as above; `dst` addresses rows img·N.. of `out`, columns h·d..(h+1)·d.
+            // SAFETY: `scores` is N×N, v addresses N rows of `rows` (stride
+            // 3C), `dst` rows img·N.. of `out` (stride C), columns h·d..(h+1)·d;
+            // tasks write disjoint columns, so concurrent writes never overlap.
             unsafe {
                 gemm::gemm(
                     n,
@@ -111,4 +80,212 @@ pub fn attention(
             }
         },
     );
+}
+
+/// The soft-maxed scores `softmax(q·kᵀ·scale + bias)` (N×N) of head `h`
+/// of one image, whose qkv rows are `rows` (N × 3C).
+fn probabilities(
+    rows: &[f32],
+    h: usize,
+    dims: AttentionDims,
+    scale: f32,
+    bias: Option<&[f32]>,
+    scores: &mut [f32],
+) {
+    let (n, d) = (dims.tokens, dims.head_dim);
+    let c = dims.heads * d;
+    let q = rows[h * d..].as_ptr();
+    let k = rows[c + h * d..].as_ptr();
+    if let Some(b) = bias {
+        scores.copy_from_slice(&b[h * n * n..(h + 1) * n * n]);
+    }
+    let ld = (3 * c) as isize;
+    // SAFETY: q and k address N rows of `rows` (stride 3C), d columns each;
+    // `scores` is N×N.
+    unsafe {
+        gemm::gemm(
+            n,
+            n,
+            d,
+            scores.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            q,
+            1,
+            ld,
+            k,
+            ld,
+            1,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for row in scores.chunks_exact_mut(n) {
+        softmax_row(row);
+    }
+}
+
+/// `dst (m×n) = alpha·dst + beta·lhs·rhs` with explicit (row, column)
+/// strides for every operand, single-threaded (callers run it per head).
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Gradients of [`attention`] given the gradient of its output `grad_out`
+/// (B·N, C): `dqkv` (B·N, 3C) and, when there is a bias, `dbias` (heads, N, N)
+/// summed over the images. P is recomputed rather than stored. Per head:
+/// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dP ∘ P)),
+/// dQ = scale·dS·K, dK = scale·dSᵀ·Q, dbias = Σ_images dS.
+pub fn attention_backward(
+    qkv: &[f32],
+    dims: AttentionDims,
+    scale: f32,
+    bias: Option<&[f32]>,
+    grad_out: &[f32],
+    dqkv: &mut [f32],
+    dbias: Option<&mut [f32]>,
+) {
+    let AttentionDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: d,
+    } = dims;
+    let c = heads * d;
+    assert_eq!(qkv.len(), batch * n * 3 * c, "qkv has the wrong size");
+    assert_eq!(
+        grad_out.len(),
+        batch * n * c,
+        "attention gradient has the wrong size"
+    );
+    assert_eq!(dqkv.len(), qkv.len(), "qkv gradient has the wrong size");
+    let dq_addr = dqkv.as_mut_ptr() as usize;
+    let db_addr = dbias.map(|b| {
+        assert_eq!(b.len(), heads * n * n, "bias gradient has the wrong size");
+        b.fill(0.0);
+        b.as_mut_ptr() as usize
+    });
+    // One task per head, looping over the images: the bias gradient of a
+    // head is then summed by one thread only.
+    (0..heads).into_par_iter().for_each(|h| {
+        let mut p = vec![0f32; n * n];
+        let mut ds = vec![0f32; n * n];
+        for img in 0..batch {
+            let rows = &qkv[img * n * 3 * c..(img + 1) * n * 3 * c];
+            probabilities(rows, h, dims, scale, bias, &mut p);
+            let (q, k, v) = (
+                rows[h * d..].as_ptr(),
+                rows[c + h * d..].as_ptr(),
+                rows[2 * c + h * d..].as_ptr(),
+            );
+            let d_out = grad_out[img * n * c + h * d..].as_ptr();
+            let dst = (dq_addr as *mut f32).wrapping_add(img * n * 3 * c + h * d);
+            // SAFETY: every operand stays inside its slice for the given shapes
+            // and strides; tasks write disjoint columns (head h) of dqkv and
+            // their own head's slice of dbias.
+            unsafe {
+                // dV = Pᵀ·dO
+                small_gemm(
+                    (n, d, n),
+                    dst.add(2 * c),
+                    3 * c,
+                    false,
+                    p.as_ptr(),
+                    (1, n),
+                    d_out,
+                    (c, 1),
+                    1.0,
+                );
+                // dP = dO·Vᵀ
+                small_gemm(
+                    (n, n, d),
+                    ds.as_mut_ptr(),
+                    n,
+                    false,
+                    d_out,
+                    (c, 1),
+                    v,
+                    (1, 3 * c),
+                    1.0,
+                );
+            }
+            for (ds, p) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                let dot: f32 = ds.iter().zip(p).map(|(a, b)| a * b).sum();
+                ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+            }
+            if let Some(addr) = db_addr {
+                // SAFETY: head h's N×N slice of dbias belongs to this task.
+                let db = unsafe {
+                    std::slice::from_raw_parts_mut((addr as *mut f32).add(h * n * n), n * n)
+                };
+                db.iter_mut().zip(&ds).for_each(|(a, b)| *a += b);
+            }
+            // SAFETY: as above.
+            unsafe {
+                // dQ = scale·dS·K
+                small_gemm(
+                    (n, d, n),
+                    dst,
+                    3 * c,
+                    false,
+                    ds.as_ptr(),
+                    (n, 1),
+                    k,
+                    (3 * c, 1),
+                    scale,
+                );
+                // dK = scale·dSᵀ·Q
+                small_gemm(
+                    (n, d, n),
+                    dst.add(c),
+                    3 * c,
+                    false,
+                    ds.as_ptr(),
+                    (1, n),
+                    q,
+                    (3 * c, 1),
+                    scale,
+                );
+            }
+        }
+    });
 }

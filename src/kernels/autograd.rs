@@ -1,11 +1,13 @@
-//! Differentiable fused ops for training: LayerNorm, softmax over the last
-//! axis and exact GELU as candle custom ops with their own backward passes.
+//! Differentiable fused ops for training: linear layers, attention,
+//! LayerNorm, softmax over the last axis and exact GELU as candle custom ops
+//! with their own backward passes.
 //! Each replaces a chain of candle ops (and their allocations and
 //! single-threaded reductions) with one multi-threaded pass forward and one
 //! backward. f32 CPU tensors only; callers fall back to composites otherwise.
 
+use super::attention::{AttentionDims, attention, attention_backward};
 use super::math::{self, layer_norm};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel task for row-wise kernels.
@@ -335,6 +337,78 @@ fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
         )
 }
 
+/// Multi-head attention from packed qkv (B, N, 3C) with a (heads, N, N)
+/// bias added to the scaled scores → (B, N, C), before the output projection.
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+}
+
+impl AttentionOp {
+    fn dims(&self, qkv: &Shape) -> Result<AttentionDims> {
+        let (batch, tokens, c3) = qkv.dims3()?;
+        Ok(AttentionDims {
+            batch,
+            tokens,
+            heads: self.heads,
+            head_dim: c3 / 3 / self.heads,
+        })
+    }
+}
+
+impl CustomOp2 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "beitv2-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qkv, bias) = (slice(s1, l1, "qkv")?, slice(s2, l2, "attention bias")?);
+        let dims = self.dims(l1.shape())?;
+        let c = dims.heads * dims.head_dim;
+        let mut out = vec![0f32; dims.batch * dims.tokens * c];
+        attention(qkv, dims, self.scale, Some(bias), &mut out);
+        Ok((CpuStorage::F32(out), (dims.batch, dims.tokens, c).into()))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims = self.dims(qkv.shape())?;
+        let (dqkv, dbias) = with_data(qkv, |q| {
+            with_data(bias, |b| {
+                with_data(grad, |g| {
+                    let mut dqkv = vec![0f32; q.len()];
+                    let mut dbias = vec![0f32; b.len()];
+                    attention_backward(
+                        q,
+                        dims,
+                        self.scale,
+                        Some(b),
+                        g,
+                        &mut dqkv,
+                        Some(&mut dbias),
+                    );
+                    Ok((dqkv, dbias))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?),
+            Some(Tensor::from_vec(dbias, bias.shape(), bias.device())?),
+        ))
+    }
+}
+
 fn plain(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
@@ -363,6 +437,24 @@ pub fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         &b.contiguous()?,
         LinearOp,
     )?))
+}
+
+/// Differentiable attention (see [`AttentionOp`]): `qkv` (B, N, 3C), `bias`
+/// (heads, N, N). None off the f32 CPU path.
+pub fn attention_op(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !plain(&[qkv, bias]) {
+        return Ok(None);
+    }
+    let op = AttentionOp {
+        heads,
+        scale: scale as f32,
+    };
+    Ok(Some(qkv.contiguous()?.apply_op2(&bias.contiguous()?, op)?))
 }
 
 /// Differentiable softmax over the last axis, or None off the f32 CPU path.
@@ -478,6 +570,39 @@ mod tests {
                 t[0].matmul(&t[1].t().unwrap())
                     .unwrap()
                     .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn attention_matches_candle_composite() {
+        let (b, n, h, d) = (2, 7, 3, 4);
+        let scale = (d as f64).powf(-0.5);
+        check(
+            &[rand(&[b, n, 3 * h * d], 10), rand(&[h, n, n], 11)],
+            |t| attention_op(&t[0], &t[1], h, scale).unwrap().unwrap(),
+            |t| {
+                let qkv = t[0]
+                    .reshape((b, n, 3, h, d))
+                    .unwrap()
+                    .permute((2, 0, 3, 1, 4))
+                    .unwrap();
+                let q = (qkv.get(0).unwrap() * scale).unwrap().contiguous().unwrap();
+                let k = qkv.get(1).unwrap().contiguous().unwrap();
+                let v = qkv.get(2).unwrap().contiguous().unwrap();
+                let s = q
+                    .matmul(&k.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[1])
+                    .unwrap();
+                let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+                p.matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, n, h * d))
                     .unwrap()
             },
             2e-5,

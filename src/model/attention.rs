@@ -5,7 +5,9 @@ use super::config::{BeitConfig, RelPosBias};
 use super::layers::{LayerNorm, Linear, Mlp, drop_path, linear, softmax_last};
 use super::rel_pos::{gather_bias, table_len};
 use crate::kernels::attention::{AttentionDims, attention};
-use crate::kernels::{self, Epilogue, Precision, cpu_f32, is_plain_cpu_f32, profile, scratch};
+use crate::kernels::{
+    self, Epilogue, Precision, autograd, cpu_f32, is_plain_cpu_f32, profile, scratch,
+};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
@@ -91,6 +93,14 @@ impl Attention {
             linear(x, &self.qkv.weight, bias.as_ref())?
         };
         let _t = profile::scope("attention", 0.0);
+        if qkv.track_op() {
+            let bias = self.bias_for_training(index, n, shared_bias)?;
+            if let Some(out) = autograd::attention_op(&qkv, &bias, h, self.scale)? {
+                drop(_t);
+                let _t = profile::scope("linear.proj", 0.0);
+                return self.proj.forward(&out);
+            }
+        }
         let qkv = qkv.reshape((b, n, 3, h, d))?.permute((2, 0, 3, 1, 4))?; // (3, B, h, N, d)
         let q = (qkv.get(0)? * self.scale)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
@@ -109,6 +119,31 @@ impl Attention {
         drop(_t);
         let _t = profile::scope("linear.proj", 0.0);
         self.proj.forward(&out)
+    }
+
+    /// The (heads, N, N) bias added to the scores: this block's table and the
+    /// shared one, gathered (differentiably when trainable), or zeros.
+    fn bias_for_training(
+        &self,
+        index: &Tensor,
+        n: usize,
+        shared_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let own = match (&self.frozen_bias, &self.rel_pos_table) {
+            (Some(bias), _) => Some(bias.clone()),
+            (None, Some(table)) => Some(gather_bias(table, index, n)?),
+            (None, None) => None,
+        };
+        match (own, shared_bias) {
+            (Some(a), Some(s)) => a + s,
+            (Some(a), None) => Ok(a),
+            (None, Some(s)) => Ok(s.clone()),
+            (None, None) => Tensor::zeros(
+                (self.num_heads, n, n),
+                candle_core::DType::F32,
+                self.proj.weight.device(),
+            ),
+        }
     }
 
     /// Whether the inference kernels can run this layer: every parameter a
