@@ -3,9 +3,11 @@
 //! relative-position tables), the unilm cosine schedule, and gradient clipping
 //! by global norm — each with PyTorch's arithmetic (spec F.5, G.2, M).
 
+use crate::kernels::with_f32;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Where a parameter sits for layer-wise lr decay: tokens and the patch
@@ -118,25 +120,76 @@ impl AdamW {
         let [b1, b2] = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.step as i32);
         let bc2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
-        for p in &mut self.params {
+        let cfg = &self.cfg;
+        self.params.par_iter_mut().try_for_each(|p| -> Result<()> {
             let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
+                return Ok(());
             };
             let plr = lr * p.group.lr_scale;
-            let mut w = p.var.as_tensor().detach();
-            if p.group.weight_decay != 0.0 {
-                w = (w * (1.0 - plr * p.group.weight_decay))?;
-            }
-            p.exp_avg = ((&p.exp_avg * b1)? + (g * (1.0 - b1))?)?;
-            p.exp_avg_sq = ((&p.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((p.exp_avg_sq.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
-            let update = (p.exp_avg.div(&denom)? * (plr / bc1))?;
+            let consts = AdamConsts {
+                decay: (1.0 - plr * p.group.weight_decay) as f32,
+                b1: b1 as f32,
+                one_minus_b1: (1.0 - b1) as f32,
+                b2: b2 as f32,
+                one_minus_b2: (1.0 - b2) as f32,
+                inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+                eps: cfg.eps as f32,
+                step_size: (plr / bc1) as f32,
+            };
+            let w = p.var.as_tensor().detach();
+            let (w, m, v) = with_f32(&w, |w| {
+                with_f32(g, |g| {
+                    with_f32(&p.exp_avg, |m| {
+                        with_f32(&p.exp_avg_sq, |v| Ok(adamw_update(w, g, m, v, &consts)))
+                    })
+                })
+            })?;
+            let (shape, dev) = (p.var.as_tensor().shape().clone(), p.var.device().clone());
+            p.exp_avg = Tensor::from_vec(m, shape.clone(), &dev)?;
+            p.exp_avg_sq = Tensor::from_vec(v, shape.clone(), &dev)?;
             p.var
-                .set(&(w - update)?)
+                .set(&Tensor::from_vec(w, shape, &dev)?)
                 .with_context(|| format!("updating {}", p.name))?;
-        }
+            Ok(())
+        })?;
         Ok(())
     }
+}
+
+/// Per-parameter scalars of one AdamW step, as f32.
+struct AdamConsts {
+    decay: f32,
+    b1: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    inv_bc2_sqrt: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+/// One fused AdamW update of a parameter: new (weight, exp_avg, exp_avg_sq),
+/// with the operation order of `torch.optim.AdamW` (decay first; candle's
+/// scalar division is a multiplication by the reciprocal).
+fn adamw_update(
+    w: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+    c: &AdamConsts,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut nw = Vec::with_capacity(w.len());
+    let mut nm = Vec::with_capacity(w.len());
+    let mut nv = Vec::with_capacity(w.len());
+    for i in 0..w.len() {
+        let mi = m[i] * c.b1 + g[i] * c.one_minus_b1;
+        let vi = v[i] * c.b2 + (g[i] * g[i]) * c.one_minus_b2;
+        let denom = vi.sqrt() * c.inv_bc2_sqrt + c.eps;
+        nw.push(w[i] * c.decay - (mi / denom) * c.step_size);
+        nm.push(mi);
+        nv.push(vi);
+    }
+    (nw, nm, nv)
 }
 
 /// Global L2 norm of all gradients; when above `max_norm` every gradient is
