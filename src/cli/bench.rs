@@ -98,7 +98,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         anyhow::bail!("--no-fused runs candle's fp32 ops; it cannot be combined with --dtype");
     }
     kernels::set_fused(!args.no_fused);
-    model.set_precision(args.dtype)?;
+    if !args.no_fused {
+        model.set_precision(args.dtype)?;
+    }
     let system = match (args.dtype, args.no_fused) {
         (_, true) => "beitv2-candle".to_string(),
         (p, false) => format!("beitv2-{}", format!("{p:?}").to_lowercase()),
