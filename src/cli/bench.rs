@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Run candle's composite ops instead of the fused inference kernels (fp32 only).
     #[arg(long)]
     pub no_fused: bool,
+    /// Run --dtype bf16/int8 on the fallback CPUs without AMX get (fp32 GEMM
+    /// on the rounded values) even where AMX is present.
+    #[arg(long)]
+    pub no_amx: bool,
     /// Also time every operation kind over the timed passes and print the breakdown.
     #[arg(long)]
     pub profile: bool,
@@ -98,12 +102,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         anyhow::bail!("--no-fused runs candle's fp32 ops; it cannot be combined with --dtype");
     }
     kernels::set_fused(!args.no_fused);
+    if args.no_amx {
+        kernels::packed::force_kernel(Some(kernels::packed::Kernel::Fp32Gemm));
+    }
     if !args.no_fused {
         model.set_precision(args.dtype)?;
     }
     let system = match (args.dtype, args.no_fused) {
         (_, true) => "beitv2-candle".to_string(),
-        (p, false) => format!("beitv2-{}", format!("{p:?}").to_lowercase()),
+        (p, false) => format!(
+            "beitv2-{}{}",
+            format!("{p:?}").to_lowercase(),
+            if args.no_amx { "-noamx" } else { "" }
+        ),
     };
     let [h, w] = cfg.img_size;
     if !args.json {

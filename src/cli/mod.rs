@@ -95,7 +95,7 @@ impl ModelArgs {
         let mut model = checkpoint::build_model(&cfg, weights)?;
         if dtype.quant().is_some() && !crate::kernels::packed::accelerated() {
             tracing::warn!(
-                "this CPU has no usable Intel AMX: --dtype {dtype:?} runs portable loops (correct, but far slower than f32)"
+                "this CPU has no usable Intel AMX: --dtype {dtype:?} runs as an fp32 GEMM on the rounded values (same results, no faster than f32)"
             );
         }
         model.set_precision(dtype)?;

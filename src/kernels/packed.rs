@@ -8,8 +8,8 @@
 //! tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
 //! (output channel) and one per activation row (token).
 //!
-//! Without AMX a portable loop over the same packed layout gives
-//! the same numbers slowly, so results never depend on the CPU.
+//! Without AMX the same rounded operands go through an fp32 GEMM: the same
+//! numbers up to fp32 rounding of the sums, at fp32 speed.
 
 use super::math::gelu;
 use super::scratch::{self, Scratch};
@@ -77,6 +77,9 @@ pub struct PackedWeight {
     data: Vec<u8>,
     /// Per-output-channel scale (Int8 only).
     scales: Vec<f32>,
+    /// The packed values as f32 in `(out, in)` order (int8 unscaled), made on
+    /// first use by the fp32-GEMM kernel for CPUs without AMX.
+    values_f32: std::sync::OnceLock<Vec<f32>>,
 }
 
 /// f32 → bf16 bits, round to nearest even (NaN stays NaN).
@@ -132,6 +135,7 @@ impl PackedWeight {
             k_pad,
             data: Vec::new(),
             scales,
+            values_f32: std::sync::OnceLock::new(),
         };
         let panel_bytes = k_pad * NB * esize;
         let mut data = vec![0u8; panels * panel_bytes];
@@ -229,6 +233,9 @@ impl PackedWeight {
         }
         let kernel = Kernel::select();
         let acts = Activations::convert(x, rows, self);
+        if kernel == Kernel::Fp32Gemm {
+            return self.matmul_fp32(&acts, rows, bias, epilogue, out);
+        }
         let mblocks = rows.div_ceil(MB);
         let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
         let panels = self.out_dim.div_ceil(NB);
@@ -250,14 +257,12 @@ impl PackedWeight {
                         .clone()
                         .zip(tiles.iter_mut())
                         .for_each(|(mb, tile)| unsafe { self.block_amx(&acts, mb, p, tile) }),
-                    Kernel::Portable => {
-                        mblock_range
-                            .clone()
-                            .zip(tiles.iter_mut())
-                            .for_each(|(mb, tile)| {
-                                self.block_portable(&acts, mb, MB.min(rows - mb * MB), p, tile)
-                            })
-                    }
+                    Kernel::Reference | Kernel::Fp32Gemm => mblock_range
+                        .clone()
+                        .zip(tiles.iter_mut())
+                        .for_each(|(mb, tile)| {
+                            self.block_reference(&acts, mb, MB.min(rows - mb * MB), p, tile)
+                        }),
                 }
                 for (mb, tile) in mblock_range.clone().zip(&tiles) {
                     let valid = MB.min(rows - mb * MB);
@@ -319,8 +324,78 @@ impl PackedWeight {
         }
     }
 
-    /// Portable reference kernel: same inputs, same layout, plain loops.
-    fn block_portable(
+    /// The packed values as f32, `(out, in)` row-major, int8 unscaled.
+    fn values_f32(&self) -> &[f32] {
+        self.values_f32.get_or_init(|| {
+            let mut w = vec![0f32; self.out_dim * self.in_dim];
+            w.par_chunks_mut(self.in_dim)
+                .enumerate()
+                .for_each(|(n, row)| {
+                    for (k, v) in row.iter_mut().enumerate() {
+                        *v = self.value(n / NB, n % NB, k);
+                    }
+                });
+            w
+        })
+    }
+
+    /// The AMX computation on any CPU: rounded activations and weights as
+    /// f32 through the `gemm` crate, then the same per-row epilogue.
+    fn matmul_fp32(
+        &self,
+        acts: &Activations,
+        rows: usize,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        let mut a = scratch::take::<f32>(rows * k);
+        a.par_chunks_mut(k).enumerate().for_each(|(m, row)| {
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = match self.quant {
+                    Quant::Bf16 => acts.bf16_at(m, kk),
+                    Quant::Int8 => acts.i8_at(m, kk) as f32,
+                };
+            }
+        });
+        let mut acc = scratch::take::<f32>(rows * n);
+        let weight = super::linear::WeightRef::F32 {
+            data: self.values_f32(),
+            out_dim: n,
+            in_dim: k,
+        };
+        super::linear::linear(&a, rows, weight, None, Epilogue::Store, &mut acc);
+        let w_scales = (self.quant == Quant::Int8).then_some(self.scales.as_slice());
+        out.par_chunks_mut(n)
+            .zip(acc.par_chunks(n))
+            .enumerate()
+            .for_each(|(m, (dst, acc))| {
+                let a_scale = acts.scales.get(m).copied().unwrap_or(1.0);
+                for n0 in (0..n).step_by(NB) {
+                    let cols = NB.min(n - n0);
+                    let mut block = [0f32; NB];
+                    block[..cols].copy_from_slice(&acc[n0..n0 + cols]);
+                    let epilogue = match epilogue {
+                        Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
+                            gamma: Some(&g[n0..n0 + cols]),
+                        },
+                        e => e,
+                    };
+                    finish_row(
+                        &mut dst[n0..n0 + cols],
+                        &block,
+                        a_scale,
+                        w_scales.map(|s| &s[n0..n0 + cols]),
+                        bias.map(|b| &b[n0..n0 + cols]),
+                        epilogue,
+                    );
+                }
+            });
+    }
+
+    /// Reference kernel: same inputs, same layout, plain loops.
+    fn block_reference(
         &self,
         acts: &Activations,
         mb: usize,
@@ -425,7 +500,7 @@ impl PackedWeight {
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn block_amx(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
-        self.block_portable(acts, mb, MB, p, tile)
+        self.block_reference(acts, mb, MB, p, tile)
     }
 }
 
@@ -475,35 +550,38 @@ multiversion! {
     }
 }
 
-/// Which block kernel runs.
+/// Which kernel runs the packed matmul.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    Portable,
+pub enum Kernel {
+    /// Intel AMX tiles.
     Amx,
+    /// Without AMX: the rounded operands as f32 through the `gemm` crate
+    /// (the same numbers up to fp32 rounding of the sums, at fp32 speed).
+    Fp32Gemm,
+    /// Plain loops over the packed layout: the reference the tests compare with.
+    Reference,
 }
 
-static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static FORCED: std::sync::Mutex<Option<Kernel>> = std::sync::Mutex::new(None);
 
-/// Forces the portable kernels (tests compare them with the fast ones).
-pub fn force_portable(on: bool) {
-    FORCE_PORTABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+/// Forces a kernel (None: the best this CPU runs). For tests and comparisons.
+pub fn force_kernel(kernel: Option<Kernel>) {
+    *FORCED.lock().unwrap_or_else(|e| e.into_inner()) = kernel;
 }
 
 impl Kernel {
     fn select() -> Self {
-        if FORCE_PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
-            return Kernel::Portable;
-        }
-        if amx::available() {
-            Kernel::Amx
-        } else {
-            Kernel::Portable
+        match *FORCED.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(Kernel::Amx) if !amx::available() => Kernel::Fp32Gemm,
+            Some(k) => k,
+            None if amx::available() => Kernel::Amx,
+            None => Kernel::Fp32Gemm,
         }
     }
 }
 
-/// The AMX kernels run on this CPU (otherwise the portable loops run: same
-/// numbers, far slower).
+/// The AMX kernels run on this CPU (otherwise bf16/int8 run as fp32 GEMMs on
+/// the rounded operands: same numbers, no faster than fp32).
 pub fn accelerated() -> bool {
     amx::available()
 }
@@ -684,8 +762,8 @@ mod tests {
                 lin[m * n + j] = s + bias[j] as f64;
             }
         }
-        for portable in [false, true] {
-            force_portable(portable);
+        for kernel in [Kernel::Amx, Kernel::Fp32Gemm, Kernel::Reference] {
+            force_kernel(Some(kernel));
             type Expected<'a> = Box<dyn Fn(usize) -> f64 + 'a>;
             let cases: [(Epilogue, Expected); 3] = [
                 (Epilogue::Store, Box::new(|i| lin[i])),
@@ -705,12 +783,12 @@ mod tests {
                     let err = (got as f64 - want).abs() / (1.0 + want.abs());
                     assert!(
                         err < 1e-5,
-                        "{quant:?} {rows}x{n}x{k} {epilogue:?} portable={portable}: [{i}] {got} vs {want}"
+                        "{quant:?} {rows}x{n}x{k} {epilogue:?} {kernel:?}: [{i}] {got} vs {want}"
                     );
                 }
             }
         }
-        force_portable(false);
+        force_kernel(None);
         packed.matmul(&[], 0, Some(&bias), Epilogue::Store, &mut []); // no rows: no work
         // The packed weight stays within half a step of the f32 one.
         let step = |v: f32| match quant {
