@@ -98,7 +98,17 @@ impl ModelArgs {
                 "this CPU has no usable Intel AMX: --dtype {dtype:?} runs as an fp32 GEMM on the rounded values (same results, no faster than f32)"
             );
         }
-        model.set_precision(dtype)?;
+        // fp32 keeps the weights as loaded: packing them for the small-batch
+        // kernel costs more start-up time than a few images win back
+        // (`Beit::set_precision(Precision::F32)` is there for long runs).
+        if dtype != crate::kernels::Precision::F32 {
+            let t = std::time::Instant::now();
+            model.set_precision(dtype)?;
+            tracing::info!(
+                "packed the weights for {dtype:?} in {:.2}s",
+                t.elapsed().as_secs_f64()
+            );
+        }
         Ok(model)
     }
 

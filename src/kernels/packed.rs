@@ -97,6 +97,21 @@ fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+/// Stores one weight row (output column `col` of its panel) in B-tile order
+/// for k blocks of `KB` and groups of `G` (constants, so the index arithmetic
+/// is shifts): `put(element index, value)`.
+fn pack_column<const KB: usize, const G: usize>(
+    row: &[f32],
+    col: usize,
+    mut put: impl FnMut(usize, f32),
+) {
+    let (t, c) = (col / 16, col % 16);
+    for (k, &v) in row.iter().enumerate() {
+        let (kblk, kr, e) = (k / KB, (k % KB) / G, k % G);
+        put(((kblk * 2 + t) * (KB / G) + kr) * 16 * G + c * G + e, v);
+    }
+}
+
 /// Symmetric int8 scale of a row: `max|x| / 127` (1 for an all-zero row).
 fn int8_scale(row: &[f32]) -> f32 {
     let m = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
@@ -125,8 +140,8 @@ impl PackedWeight {
         let panels = out_dim.div_ceil(NB);
         let esize = quant.elem_bytes();
         let scales: Vec<f32> = match quant {
-            Quant::Int8 => w.chunks_exact(in_dim).map(int8_scale).collect(),
-            _ => Vec::new(),
+            Quant::Int8 => w.par_chunks_exact(in_dim).map(int8_scale).collect(),
+            Quant::Bf16 => Vec::new(),
         };
         let mut packed = Self {
             quant,
@@ -145,13 +160,13 @@ impl PackedWeight {
                 for col in 0..NB.min(out_dim - p * NB) {
                     let n = p * NB + col;
                     let row = &w[n * in_dim..(n + 1) * in_dim];
-                    for (k, &v) in row.iter().enumerate() {
-                        let i = packed.panel_index(col, k) * esize;
-                        match quant {
-                            Quant::Bf16 => {
-                                panel[i..i + 2].copy_from_slice(&bf16_bits(v).to_le_bytes())
-                            }
-                            Quant::Int8 => panel[i] = to_i8(v, 1.0 / packed.scales[n]) as u8,
+                    match quant {
+                        Quant::Bf16 => pack_column::<32, 2>(row, col, |i, v| {
+                            panel[2 * i..2 * i + 2].copy_from_slice(&bf16_bits(v).to_le_bytes())
+                        }),
+                        Quant::Int8 => {
+                            let inv = 1.0 / packed.scales[n];
+                            pack_column::<64, 4>(row, col, |i, v| panel[i] = to_i8(v, inv) as u8)
                         }
                     }
                 }
