@@ -1,8 +1,9 @@
-//! Fused multi-head attention for inference: for each (image, head) the scores
+//! Fused multi-head attention: for each (image, head) the scores
 //! `q·kᵀ·scale + bias` are computed straight from the packed qkv rows into a
 //! scratch matrix that starts as the relative-position bias, soft-maxed in
 //! place and multiplied by `v` into the head's columns of the output. q, k and
 //! v are read through strides: no per-head copies, no (B, h, N, N) tensor.
+//! The backward pass (for training) recomputes the probabilities per head.
 
 use super::math::softmax_row;
 use rayon::prelude::*;
@@ -14,6 +15,26 @@ pub struct AttentionDims {
     pub tokens: usize,
     pub heads: usize,
     pub head_dim: usize,
+}
+
+impl AttentionDims {
+    /// Checks the qkv, per-token (B·N, C) and bias sizes against the shapes.
+    fn check(&self, qkv: &[f32], per_token: &[f32], bias: Option<&[f32]>) {
+        let (n, c) = (self.tokens, self.heads * self.head_dim);
+        assert_eq!(qkv.len(), self.batch * n * 3 * c, "qkv has the wrong size");
+        assert_eq!(
+            per_token.len(),
+            self.batch * n * c,
+            "attention output/gradient has the wrong size"
+        );
+        if let Some(b) = bias {
+            assert_eq!(
+                b.len(),
+                self.heads * n * n,
+                "attention bias has the wrong size"
+            );
+        }
+    }
 }
 
 /// `qkv`: (B·N, 3C) rows `[q | k | v]`, heads contiguous inside each part.
@@ -33,15 +54,7 @@ pub fn attention(
         head_dim: d,
     } = dims;
     let c = heads * d;
-    assert_eq!(qkv.len(), batch * n * 3 * c, "qkv has the wrong size");
-    assert_eq!(
-        out.len(),
-        batch * n * c,
-        "attention output has the wrong size"
-    );
-    if let Some(b) = bias {
-        assert_eq!(b.len(), heads * n * n, "attention bias has the wrong size");
-    }
+    dims.check(qkv, out, bias);
     let out_addr = out.as_mut_ptr() as usize;
     (0..batch * heads).into_par_iter().for_each_init(
         || vec![0f32; n * n],
@@ -191,12 +204,7 @@ pub fn attention_backward(
         head_dim: d,
     } = dims;
     let c = heads * d;
-    assert_eq!(qkv.len(), batch * n * 3 * c, "qkv has the wrong size");
-    assert_eq!(
-        grad_out.len(),
-        batch * n * c,
-        "attention gradient has the wrong size"
-    );
+    dims.check(qkv, grad_out, bias);
     assert_eq!(dqkv.len(), qkv.len(), "qkv gradient has the wrong size");
     let dq_addr = dqkv.as_mut_ptr() as usize;
     let db_addr = dbias.map(|b| {

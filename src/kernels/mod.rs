@@ -112,3 +112,16 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R>
 pub fn is_plain_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op()
 }
+
+/// Deterministic values in [-1, 1] for the kernels' unit tests.
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u32 ^ seed)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(13);
+            (h % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}

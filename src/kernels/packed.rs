@@ -16,12 +16,12 @@ use super::scratch::{self, Scratch};
 use rayon::prelude::*;
 
 /// Output columns per packed panel (two 16-column tiles).
-const NB: usize = 32;
+pub(super) const NB: usize = 32;
 /// Activation rows per block (two 16-row tiles).
-const MB: usize = 32;
+pub(super) const MB: usize = 32;
 /// Row blocks that share one pass over the weight panels: their activations
 /// (≤ 128 rows × in) stay in L2 while the panels stream past.
-const CHUNK_MBLOCKS: usize = 4;
+pub(super) const CHUNK_MBLOCKS: usize = 4;
 
 /// Storage precision of a packed weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,57 @@ pub enum Epilogue<'a> {
     Gelu,
     /// `out += γ ∘ (acc + b)`: `out` holds the residual stream.
     Residual { gamma: Option<&'a [f32]> },
+}
+
+impl<'a> Epilogue<'a> {
+    /// The epilogue for output columns `cols` (slices the layer scale).
+    pub fn columns(self, cols: std::ops::Range<usize>) -> Self {
+        match self {
+            Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
+                gamma: Some(&g[cols]),
+            },
+            e => e,
+        }
+    }
+}
+
+/// Splits an `rows × out` product into parallel tasks: chunks of
+/// [`CHUNK_MBLOCKS`] 32-row blocks (whose activations stay in L2 while the
+/// weight panels stream past) times groups of 32-column panels, enough
+/// tasks to keep every thread busy when there are few rows.
+pub(super) struct TaskGrid {
+    mblocks: usize,
+    panels: usize,
+    groups: usize,
+    per_group: usize,
+    pub tasks: usize,
+}
+
+impl TaskGrid {
+    pub fn new(rows: usize, out_dim: usize) -> Self {
+        let mblocks = rows.div_ceil(MB);
+        let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
+        let panels = out_dim.div_ceil(NB);
+        let groups = (4 * rayon::current_num_threads())
+            .div_ceil(mchunks)
+            .clamp(1, panels);
+        Self {
+            mblocks,
+            panels,
+            groups,
+            per_group: panels.div_ceil(groups),
+            tasks: mchunks * groups,
+        }
+    }
+
+    /// Task `i`'s row blocks and column panels.
+    pub fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (mc, g) = (i / self.groups, i % self.groups);
+        (
+            mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(self.mblocks),
+            g * self.per_group..((g + 1) * self.per_group).min(self.panels),
+        )
+    }
 }
 
 /// A `(out, in)` weight packed into column panels of 32 outputs in AMX
@@ -251,20 +302,12 @@ impl PackedWeight {
         if kernel == Kernel::Fp32Gemm {
             return self.matmul_fp32(&acts, rows, bias, epilogue, out);
         }
-        let mblocks = rows.div_ceil(MB);
-        let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
-        let panels = self.out_dim.div_ceil(NB);
-        // Enough tasks to keep every thread busy when there are few rows.
-        let groups = (4 * rayon::current_num_threads())
-            .div_ceil(mchunks)
-            .clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
+        let grid = TaskGrid::new(rows, self.out_dim);
         let out_addr = out.as_mut_ptr() as usize;
-        (0..mchunks * groups).into_par_iter().for_each(|task| {
-            let (mc, g) = (task / groups, task % groups);
-            let mblock_range = mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(mblocks);
+        (0..grid.tasks).into_par_iter().for_each(|task| {
+            let (mblock_range, panel_range) = grid.task(task);
             let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
-            for p in g * per_group..((g + 1) * per_group).min(panels) {
+            for p in panel_range {
                 match kernel {
                     // SAFETY: `amx::available()` checked CPU and OS support;
                     // activations are padded to whole blocks.
@@ -316,12 +359,7 @@ impl PackedWeight {
         let ncols = NB.min(self.out_dim - n0);
         let bias = bias.map(|b| &b[n0..n0 + ncols]);
         let w_scales = (self.quant == Quant::Int8).then(|| &self.scales[n0..n0 + ncols]);
-        let epilogue = match epilogue {
-            Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
-                gamma: Some(&g[n0..n0 + ncols]),
-            },
-            e => e,
-        };
+        let epilogue = epilogue.columns(n0..n0 + ncols);
         for r in 0..valid {
             let m = mb * MB + r;
             // SAFETY: row m < rows and columns n0..n0+ncols < out_dim.
@@ -391,12 +429,7 @@ impl PackedWeight {
                     let cols = NB.min(n - n0);
                     let mut block = [0f32; NB];
                     block[..cols].copy_from_slice(&acc[n0..n0 + cols]);
-                    let epilogue = match epilogue {
-                        Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
-                            gamma: Some(&g[n0..n0 + cols]),
-                        },
-                        e => e,
-                    };
+                    let epilogue = epilogue.columns(n0..n0 + cols);
                     finish_row(
                         &mut dst[n0..n0 + cols],
                         &block,
@@ -738,16 +771,7 @@ pub mod amx {
 mod tests {
     use super::*;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32 ^ seed)
-                    .wrapping_mul(2_654_435_761)
-                    .rotate_left(13);
-                (h % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_data as data;
 
     /// The activations as the kernels see them (rounded to bf16 / int8).
     fn quantised_row(r: &[f32], quant: Quant) -> Vec<f32> {

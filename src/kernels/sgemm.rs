@@ -5,7 +5,7 @@
 //! passes over it. Each finished 32×32 block goes through the same epilogue
 //! as the AMX kernels.
 
-use super::packed::{Epilogue, finish_row};
+use super::packed::{CHUNK_MBLOCKS, Epilogue, MB, NB, TaskGrid, finish_row};
 use super::scratch;
 use rayon::prelude::*;
 
@@ -15,9 +15,6 @@ use rayon::prelude::*;
 /// at 1576 rows at 153–172 against 157–198.
 pub const SGEMM_MAX_ROWS: usize = 512;
 
-const NB: usize = 32;
-const MB: usize = 32;
-const CHUNK_MBLOCKS: usize = 4;
 /// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
 const MR: usize = 12;
 /// The row micro-panels (first row, rows) of a 32-row block.
@@ -91,31 +88,20 @@ impl PackedF32 {
                 let src = &x[mb * MB * k..((mb + 1) * MB).min(rows) * k];
                 pack_block(dst, src, k)
             });
-        let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
-        let panels = self.out_dim.div_ceil(NB);
-        let groups = (4 * rayon::current_num_threads())
-            .div_ceil(mchunks)
-            .clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
+        let grid = TaskGrid::new(rows, self.out_dim);
         let out_addr = out.as_mut_ptr() as usize;
         let a: &[f32] = &panels_a;
-        (0..mchunks * groups).into_par_iter().for_each(|task| {
-            let (mc, g) = (task / groups, task % groups);
-            let mrange = mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(mblocks);
+        (0..grid.tasks).into_par_iter().for_each(|task| {
+            let (mrange, panel_range) = grid.task(task);
             let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
-            for p in g * per_group..((g + 1) * per_group).min(panels) {
+            for p in panel_range {
                 let b = &self.data[p * k * NB..(p + 1) * k * NB];
                 // SAFETY: AVX-512F checked above; slices sized by construction.
                 unsafe { chunk(a, k, mrange.clone(), b, &mut tiles) };
                 let n0 = p * NB;
                 let ncols = NB.min(self.out_dim - n0);
                 let bias = bias.map(|b| &b[n0..n0 + ncols]);
-                let epi = match epilogue {
-                    Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
-                        gamma: Some(&g[n0..n0 + ncols]),
-                    },
-                    e => e,
-                };
+                let epi = epilogue.columns(n0..n0 + ncols);
                 for (mb, tile) in mrange.clone().zip(&tiles) {
                     for r in 0..MB.min(rows - mb * MB) {
                         let m = mb * MB + r;
@@ -233,16 +219,7 @@ mod tests {
     use super::*;
     use crate::kernels::math::gelu;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32 ^ seed)
-                    .wrapping_mul(2_654_435_761)
-                    .rotate_left(13);
-                (h % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_data as data;
 
     #[test]
     fn packed_f32_matmul_matches_f64_with_every_epilogue() {
