@@ -1,6 +1,7 @@
-//! Building blocks with PyTorch semantics (spec M). Each op takes candle's fused
-//! kernel when no gradient is being tracked and the differentiable composite
-//! otherwise, so one model definition serves inference and training.
+//! Building blocks with PyTorch semantics (spec M). Without a gradient the
+//! inference kernels of `crate::kernels` run; with one, the differentiable
+//! custom ops of `kernels::autograd` (f32 on the CPU) or candle's composites,
+//! so one model definition serves inference and training.
 
 use crate::kernels::linear::WeightRef;
 use crate::kernels::sgemm::{PackedF32, SGEMM_MAX_ROWS};
