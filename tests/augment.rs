@@ -16,7 +16,9 @@ use beitv2::data::{
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
+mod common;
+use common::rgb_image;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -41,37 +43,10 @@ fn info(key: &str) -> serde_json::Value {
     info[key].clone()
 }
 
-fn fixture_image(st: &SafeTensors<'_>, key: &str) -> RgbImage {
-    let view = st.tensor(key).unwrap_or_else(|e| panic!("{key}: {e}"));
-    assert_eq!(view.dtype(), Dtype::U8, "{key}");
-    let &[height, width, 3] = view.shape() else {
-        panic!("{key}: shape {:?}", view.shape());
-    };
-    RgbImage {
-        width,
-        height,
-        data: view.data().to_vec(),
-    }
-}
-
 fn max_abs_diff(a: &RgbImage, b: &RgbImage) -> u8 {
     assert_eq!((a.width, a.height), (b.width, b.height));
     let diffs = a.data.iter().zip(&b.data).map(|(x, y)| x.abs_diff(*y));
     diffs.max().unwrap_or(0)
-}
-
-fn image(width: usize, height: usize, f: impl Fn(usize, usize, usize) -> u8) -> RgbImage {
-    let mut data = Vec::with_capacity(width * height * 3);
-    for y in 0..height {
-        for x in 0..width {
-            data.extend((0..3).map(|c| f(x, y, c)));
-        }
-    }
-    RgbImage {
-        width,
-        height,
-        data,
-    }
 }
 
 fn rng(seed: u64) -> ChaCha8Rng {
@@ -107,8 +82,8 @@ fn every_op_matches_timm_bit_for_bit() {
             "bilinear" => Resample::Bilinear,
             other => panic!("unknown resample {other}"),
         };
-        let img = fixture_image(&st, &format!("input/{input}"));
-        let expected = fixture_image(&st, key);
+        let img = rgb_image(&st, &format!("input/{input}"));
+        let expected = rgb_image(&st, key);
         let out = ra.apply_op_signed(op, magnitude.parse().unwrap(), sign == "-", &img);
         let diff = max_abs_diff(&out, &expected);
         let label = match resample {
@@ -153,7 +128,7 @@ fn resized_crop_of_a_box_matches_torchvision() {
             width: b[3],
         };
         let out = rrc.resize_box(&chelsea, crop);
-        assert_eq!(out, fixture_image(&st, key), "{key}");
+        assert_eq!(out, rgb_image(&st, key), "{key}");
         checked += 1;
     }
     assert_eq!(checked, 3);
@@ -237,7 +212,7 @@ fn crop_boxes_stay_in_bounds_and_in_range() {
 
 #[test]
 fn crop_is_resized_to_the_requested_size() {
-    let img = image(97, 61, |x, y, c| (x * 5 + y * 3 + c * 40) as u8);
+    let img = RgbImage::from_fn(97, 61, |x, y, c| (x * 5 + y * 3 + c * 40) as u8);
     let rrc = RandomResizedCrop::new((32, 40));
     let out = rrc.apply(&img, &mut rng(2));
     assert_eq!((out.height, out.width), (32, 40));
@@ -245,7 +220,7 @@ fn crop_is_resized_to_the_requested_size() {
 
 #[test]
 fn flip_mirrors_and_twice_is_identity() {
-    let img = image(5, 3, |x, y, c| (x * 50 + y * 7 + c) as u8);
+    let img = RgbImage::from_fn(5, 3, |x, y, c| (x * 50 + y * 7 + c) as u8);
     let flipped = hflip(&img);
     for y in 0..3 {
         for x in 0..5 {
@@ -278,7 +253,7 @@ fn noisy_magnitudes_are_clipped_to_the_level_range() {
 
 #[test]
 fn signed_ops_take_either_sign() {
-    let img = image(24, 16, |x, y, c| (x * 10 + y * 5 + c * 60) as u8);
+    let img = RgbImage::from_fn(24, 16, |x, y, c| (x * 10 + y * 5 + c * 60) as u8);
     let ra = beit_rand_augment([124, 116, 104], 10);
     let plus = ra.apply_op_signed(Op::Rotate, 9.0, false, &img);
     let minus = ra.apply_op_signed(Op::Rotate, 9.0, true, &img);
@@ -303,7 +278,7 @@ fn signed_ops_take_either_sign() {
 
 #[test]
 fn rand_augment_is_deterministic_and_can_be_disabled() {
-    let img = image(40, 30, |x, y, c| ((x * 7) ^ (y * 13) ^ (c * 50)) as u8);
+    let img = RgbImage::from_fn(40, 30, |x, y, c| ((x * 7) ^ (y * 13) ^ (c * 50)) as u8);
     let ra = beit_rand_augment([124, 116, 104], 18);
     assert_eq!(ra.ops, RAND_INCREASING_OPS);
     let a = ra.apply(&img, &mut rng(5));
@@ -593,7 +568,7 @@ fn train_transform_is_deterministic_per_seed() {
 
 #[test]
 fn train_transform_without_randomness_is_resize_and_normalise() {
-    let img = image(30, 20, |x, y, c| (x * 8 + y * 3 + c * 20) as u8);
+    let img = RgbImage::from_fn(30, 20, |x, y, c| (x * 8 + y * 3 + c * 20) as u8);
     let mut t = TrainTransform::simple(16, [0.5; 3], [0.25; 3]);
     t.hflip_prob = 0.0;
     t.rrc.scale = (1.0, 1.0);
@@ -625,7 +600,7 @@ fn train_transform_without_randomness_is_resize_and_normalise() {
 fn generators_are_used_not_global_state() {
     // Same seed through a `dyn RngCore` gives the same result as the
     // concrete type: nothing outside the generator is consulted.
-    let img = image(50, 40, |x, y, c| (x * 3 + y * 5 + c * 70) as u8);
+    let img = RgbImage::from_fn(50, 40, |x, y, c| (x * 3 + y * 5 + c * 70) as u8);
     let t = TrainTransform::beit_finetune(32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD);
     let mut boxed: Box<dyn rand::RngCore> = Box::new(rng(17));
     let a = t.apply(&img, &mut *boxed).unwrap();

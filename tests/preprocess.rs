@@ -10,6 +10,8 @@ use beitv2::data::{
     resize_bicubic,
 };
 use safetensors::{Dtype, SafeTensors};
+mod common;
+use common::rgb_image;
 
 /// Largest per-channel difference allowed between our JPEG decoding
 /// (zune-jpeg) and Pillow's (libjpeg-turbo), which use different integer
@@ -43,17 +45,7 @@ fn expected() -> SafeTensors<'static> {
 
 /// An expected uint8 HWC image.
 fn expected_image(key: &str) -> RgbImage {
-    let st = expected();
-    let view = st.tensor(key).unwrap_or_else(|e| panic!("{key}: {e}"));
-    assert_eq!(view.dtype(), Dtype::U8, "{key}");
-    let &[height, width, 3] = view.shape() else {
-        panic!("{key}: shape {:?}", view.shape());
-    };
-    RgbImage {
-        width,
-        height,
-        data: view.data().to_vec(),
-    }
+    rgb_image(&expected(), key)
 }
 
 fn expected_f32(key: &str) -> (Vec<usize>, Vec<f32>) {

@@ -9,7 +9,7 @@ use beitv2::model::vqkd::{Vqkd, VqkdConfig};
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{load_st, max_abs_diff};
+use common::{int_values, load_st, max_abs_diff};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -25,15 +25,6 @@ fn io() -> HashMap<String, Tensor> {
     load_st(&dir().join("io.safetensors"))
 }
 
-fn ids(t: &Tensor) -> Vec<i64> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-}
-
 #[test]
 fn unilm_layout_matches_reference_outputs() {
     let io = io();
@@ -47,7 +38,11 @@ fn unilm_layout_matches_reference_outputs() {
     assert!(max_abs_diff(&code, &io["code"]) <= 1e-4);
     let q = m.quantize(&code).unwrap();
     assert!(max_abs_diff(&q.z, &io["z"]) <= 1e-4);
-    assert_eq!(ids(&q.ids), ids(&io["ids"]), "token ids differ");
+    assert_eq!(
+        int_values(&q.ids),
+        int_values(&io["ids"]),
+        "token ids differ"
+    );
     assert!(max_abs_diff(&q.z_q, &io["z_q"]) <= 1e-5);
     let l = q.commit_loss.to_scalar::<f32>().unwrap();
     let want = io["commit_loss"]
@@ -73,17 +68,17 @@ fn unilm_layout_matches_reference_outputs() {
 #[test]
 fn mmpretrain_layout_and_encoder_only_use_give_the_same_ids() {
     let io = io();
-    let want = ids(&io["ids"]);
+    let want = int_values(&io["ids"]);
     let cfg = VqkdConfig {
         decoder_depth: 0,
         ..config("config.json")
     };
     let x = Vqkd::preprocess(&io["input01"]).unwrap();
     let m = load_vqkd(&dir().join("mmpretrain.pth"), Some(cfg.clone())).unwrap();
-    assert_eq!(ids(&m.tokens(&x).unwrap()), want);
+    assert_eq!(int_values(&m.tokens(&x).unwrap()), want);
     // Encoder-only use of a full unilm file drops its decoder.
     let m = load_vqkd(&dir().join("unilm.pth"), Some(cfg)).unwrap();
-    assert_eq!(ids(&m.tokens(&x).unwrap()), want);
+    assert_eq!(int_values(&m.tokens(&x).unwrap()), want);
 }
 
 #[test]
@@ -126,8 +121,8 @@ fn photos_tokenize_like_test_get_code() {
         .flat_map(|r| r.unwrap())
         .collect();
     let x = Tensor::from_vec(data, (4, 3, 224, 224), &Device::Cpu).unwrap();
-    let got = ids(&m.tokens(&Vqkd::preprocess(&x).unwrap()).unwrap());
-    let want = ids(&io()["photo_ids"]);
+    let got = int_values(&m.tokens(&Vqkd::preprocess(&x).unwrap()).unwrap());
+    let want = int_values(&io()["photo_ids"]);
     assert_eq!(got.len(), 4 * 196);
     assert_eq!(got, want);
 }

@@ -8,7 +8,7 @@ use beitv2::train::tokenizer::{Teacher, TeacherSection, cosine_rec_loss};
 mod common;
 
 use candle_core::{DType, Tensor};
-use common::{load_st, max_abs_diff};
+use common::{int_values, load_st, max_abs_diff};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,15 +27,6 @@ fn scalar(t: &Tensor) -> f32 {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap()[0]
-}
-
-fn ints(t: &Tensor) -> Vec<i64> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
 }
 
 fn teacher(file: &str) -> Teacher {
@@ -71,7 +62,7 @@ fn losses_and_ema_update_match() {
     let q = m
         .quantize(&m.encode(&io["teacher_input"]).unwrap())
         .unwrap();
-    assert_eq!(ints(&q.ids), ints(&io["ids"]));
+    assert_eq!(int_values(&q.ids), int_values(&io["ids"]));
     assert!(max_abs_diff(&q.z, &io["z"]) <= 1e-5);
     let rec = m.decode(&q.z_q).unwrap();
     assert!(max_abs_diff(&rec, &io["rec"]) <= 1e-4);
@@ -88,12 +79,15 @@ fn losses_and_ema_update_match() {
             "{key}: {got} vs {want}"
         );
     }
-    let ids: Vec<u32> = ints(&q.ids).into_iter().map(|v| v as u32).collect();
+    let ids: Vec<u32> = int_values(&q.ids).into_iter().map(|v| v as u32).collect();
     let z = q.z.flatten_to(1).unwrap();
     let (book, bins) = ema_update(&m.codebook, &z, &ids, 0.99).unwrap();
     let d = max_abs_diff(&book, &io["codebook_after_ema"]);
     assert!(d <= 1e-5, "codebook after EMA differs by {d}");
-    let want: Vec<u64> = ints(&io["bins"]).into_iter().map(|v| v as u64).collect();
+    let want: Vec<u64> = int_values(&io["bins"])
+        .into_iter()
+        .map(|v| v as u64)
+        .collect();
     assert_eq!(bins, want);
     let norms = book
         .sqr()
@@ -111,7 +105,7 @@ fn losses_and_ema_update_match() {
 #[test]
 fn kmeans_matches_given_the_same_start() {
     let io = io();
-    let init: Vec<usize> = ints(&io["kmeans_init_idx"])
+    let init: Vec<usize> = int_values(&io["kmeans_init_idx"])
         .into_iter()
         .map(|v| v as usize)
         .collect();
@@ -122,7 +116,10 @@ fn kmeans_matches_given_the_same_start() {
         let (means, bins) = kmeans(&io["kmeans_samples"], &init, iters).unwrap();
         let d = max_abs_diff(&means, &io[means_key]);
         assert!(d <= 1e-5, "{iters} iterations: means differ by {d}");
-        let want: Vec<u64> = ints(&io[bins_key]).into_iter().map(|v| v as u64).collect();
+        let want: Vec<u64> = int_values(&io[bins_key])
+            .into_iter()
+            .map(|v| v as u64)
+            .collect();
         assert_eq!(bins, want, "{iters} iterations");
     }
 }

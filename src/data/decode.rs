@@ -59,6 +59,23 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
+impl RgbImage {
+    /// An image whose channel `c` of pixel (`x`, `y`) is `f(x, y, c)`.
+    pub fn from_fn(width: usize, height: usize, f: impl Fn(usize, usize, usize) -> u8) -> Self {
+        let mut data = Vec::with_capacity(width * height * 3);
+        for y in 0..height {
+            for x in 0..width {
+                data.extend((0..3).map(|c| f(x, y, c)));
+            }
+        }
+        Self {
+            width,
+            height,
+            data,
+        }
+    }
+}
+
 /// Reads and decodes an image file; see [`decode_rgb`].
 pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
     let bytes =

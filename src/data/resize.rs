@@ -253,22 +253,6 @@ fn vertical_pass(img: &RgbImage, weights: &Weights, row_offset: usize) -> RgbIma
 mod tests {
     use super::*;
 
-    fn image(width: usize, height: usize, f: impl Fn(usize, usize, usize) -> u8) -> RgbImage {
-        let mut data = Vec::with_capacity(width * height * 3);
-        for y in 0..height {
-            for x in 0..width {
-                for c in 0..3 {
-                    data.push(f(x, y, c));
-                }
-            }
-        }
-        RgbImage {
-            width,
-            height,
-            data,
-        }
-    }
-
     #[test]
     fn kernel_values() {
         assert_eq!(bicubic_kernel(0.0), 1.0);
@@ -309,7 +293,7 @@ mod tests {
 
     #[test]
     fn constant_image_stays_constant() {
-        let img = image(37, 23, |_, _, c| [10, 128, 250][c]);
+        let img = RgbImage::from_fn(37, 23, |_, _, c| [10, 128, 250][c]);
         for (w, h) in [(256, 160), (11, 7), (37, 5), (3, 23)] {
             let out = resize_bicubic(&img, w, h);
             assert_eq!((out.width, out.height), (w, h));
@@ -319,13 +303,13 @@ mod tests {
 
     #[test]
     fn same_size_is_a_copy() {
-        let img = image(5, 4, |x, y, c| (x * 40 + y * 7 + c) as u8);
+        let img = RgbImage::from_fn(5, 4, |x, y, c| (x * 40 + y * 7 + c) as u8);
         assert_eq!(resize_bicubic(&img, 5, 4), img);
     }
 
     #[test]
     fn zero_target_is_empty() {
-        let img = image(5, 4, |_, _, _| 1);
+        let img = RgbImage::from_fn(5, 4, |_, _, _| 1);
         assert!(resize_bicubic(&img, 0, 4).data.is_empty());
     }
 }

@@ -382,20 +382,6 @@ fn transpose(
 mod tests {
     use super::*;
 
-    fn image(width: usize, height: usize, f: impl Fn(usize, usize, usize) -> u8) -> RgbImage {
-        let mut data = Vec::with_capacity(width * height * 3);
-        for y in 0..height {
-            for x in 0..width {
-                data.extend((0..3).map(|c| f(x, y, c)));
-            }
-        }
-        RgbImage {
-            width,
-            height,
-            data,
-        }
-    }
-
     #[test]
     fn luma_matches_pillow_fixed_point() {
         assert_eq!(luma(&[255, 255, 255]), 255);
@@ -422,7 +408,7 @@ mod tests {
 
     #[test]
     fn quarter_turns_are_transposes() {
-        let img = image(4, 4, |x, y, c| (x * 16 + y * 4 + c) as u8);
+        let img = RgbImage::from_fn(4, 4, |x, y, c| (x * 16 + y * 4 + c) as u8);
         let fill = [1, 2, 3];
         let four = (0..4).fold(img.clone(), |acc, _| {
             rotate(&acc, 90.0, Resample::Bicubic, fill)
@@ -439,7 +425,7 @@ mod tests {
 
     #[test]
     fn identity_affine_is_a_copy() {
-        let img = image(7, 5, |x, y, c| (x * 30 + y * 11 + c * 7) as u8);
+        let img = RgbImage::from_fn(7, 5, |x, y, c| (x * 30 + y * 11 + c * 7) as u8);
         for resample in [Resample::Bilinear, Resample::Bicubic] {
             let out = affine(&img, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], resample, [9, 9, 9]);
             assert_eq!(out, img);
@@ -448,8 +434,8 @@ mod tests {
 
     #[test]
     fn blend_endpoints_are_copies() {
-        let a = image(3, 2, |x, _, _| x as u8 * 50);
-        let b = image(3, 2, |_, y, _| 200 - y as u8 * 50);
+        let a = RgbImage::from_fn(3, 2, |x, _, _| x as u8 * 50);
+        let b = RgbImage::from_fn(3, 2, |_, y, _| 200 - y as u8 * 50);
         assert_eq!(blend(&a, &b, 0.0), a);
         assert_eq!(blend(&a, &b, 1.0), b);
         // Extrapolation saturates.
@@ -463,7 +449,7 @@ mod tests {
 
     #[test]
     fn smooth_keeps_border_and_constant_images() {
-        let img = image(5, 4, |x, y, _| if (x + y) % 2 == 0 { 255 } else { 0 });
+        let img = RgbImage::from_fn(5, 4, |x, y, _| if (x + y) % 2 == 0 { 255 } else { 0 });
         let out = smooth(&img);
         for y in 0..4 {
             for x in 0..5 {
@@ -474,15 +460,15 @@ mod tests {
                 }
             }
         }
-        let flat = image(6, 6, |_, _, c| [3, 128, 250][c]);
+        let flat = RgbImage::from_fn(6, 6, |_, _, c| [3, 128, 250][c]);
         assert_eq!(smooth(&flat), flat);
-        let tiny = image(2, 9, |x, y, _| (x + y) as u8);
+        let tiny = RgbImage::from_fn(2, 9, |x, y, _| (x + y) as u8);
         assert_eq!(smooth(&tiny), tiny);
     }
 
     #[test]
     fn equalize_and_autocontrast_leave_single_level_channels() {
-        let img = image(32, 32, |x, y, c| {
+        let img = RgbImage::from_fn(32, 32, |x, y, c| {
             if c == 2 {
                 77
             } else {
@@ -496,7 +482,7 @@ mod tests {
 
     #[test]
     fn posterize_zero_bits_is_black() {
-        let img = image(3, 3, |x, y, c| (x * 80 + y * 20 + c) as u8);
+        let img = RgbImage::from_fn(3, 3, |x, y, c| (x * 80 + y * 20 + c) as u8);
         assert!(posterize(&img, 0).data.iter().all(|&v| v == 0));
         assert_eq!(posterize(&img, 8), img);
         assert!(posterize(&img, 1).data.iter().all(|&v| v == 0 || v == 128));
