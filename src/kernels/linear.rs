@@ -5,6 +5,7 @@
 
 use super::math::{add_scaled_residual, gelu_inplace};
 use super::packed::{Epilogue, PackedWeight};
+use super::scratch;
 use super::sgemm::PackedF32;
 use rayon::prelude::*;
 
@@ -42,6 +43,30 @@ fn fill_rows(out: &mut [f32], bias: &[f32]) {
     });
 }
 
+/// Checks the operand sizes of `out ← epilogue(x·Wᵀ + b)` for a weight of
+/// `(out_dim, in_dim)`: every kernel asserts the same contract.
+pub(super) fn check_sizes(
+    x: &[f32],
+    rows: usize,
+    (out_dim, in_dim): (usize, usize),
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &[f32],
+) {
+    assert_eq!(x.len(), rows * in_dim, "linear input has the wrong size");
+    assert_eq!(
+        out.len(),
+        rows * out_dim,
+        "linear output has the wrong size"
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), out_dim, "linear bias has the wrong size");
+    }
+    if let Epilogue::Residual { gamma: Some(g) } = epilogue {
+        assert_eq!(g.len(), out_dim, "layer scale has the wrong size");
+    }
+}
+
 /// `out ← epilogue(x·Wᵀ + b)`; `x` is (rows, in), `out` (rows, out).
 pub fn linear(
     x: &[f32],
@@ -52,23 +77,21 @@ pub fn linear(
     out: &mut [f32],
 ) {
     let (n, k) = w.dims();
-    assert_eq!(x.len(), rows * k, "linear input has the wrong size");
-    assert_eq!(out.len(), rows * n, "linear output has the wrong size");
     let data = match w {
         WeightRef::Packed(p) => return p.matmul(x, rows, bias, epilogue, out),
         WeightRef::PackedF32(p) => return p.matmul(x, rows, bias, epilogue, out),
         WeightRef::F32 { data, .. } => data,
     };
+    check_sizes(x, rows, (n, k), bias, epilogue, out);
     assert_eq!(data.len(), n * k, "linear weight has the wrong size");
-    let residual = matches!(epilogue, Epilogue::Residual { .. });
-    let mut temp = if residual {
-        vec![0f32; rows * n]
-    } else {
-        Vec::new()
+    // The residual epilogue needs the product apart from the stream in `out`.
+    let mut temp =
+        matches!(epilogue, Epilogue::Residual { .. }).then(|| scratch::take::<f32>(rows * n));
+    let dst: &mut [f32] = match &mut temp {
+        Some(t) => t,
+        None => &mut *out,
     };
-    let dst: &mut [f32] = if residual { &mut temp } else { &mut *out };
     if let Some(b) = bias {
-        assert_eq!(b.len(), n, "linear bias has the wrong size");
         fill_rows(dst, b);
     }
     // SAFETY: lhs is rows×k row-major, rhs reads W (n×k row-major) as its
@@ -96,9 +119,11 @@ pub fn linear(
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
-    match epilogue {
-        Epilogue::Store => {}
-        Epilogue::Gelu => gelu_inplace(dst),
-        Epilogue::Residual { gamma } => add_scaled_residual(out, &temp, gamma, n),
+    match (epilogue, temp) {
+        (Epilogue::Residual { gamma }, Some(product)) => {
+            add_scaled_residual(out, &product, gamma, n)
+        }
+        (Epilogue::Gelu, _) => gelu_inplace(out),
+        _ => {}
     }
 }

@@ -258,12 +258,9 @@ impl PackedWeight {
 
     /// The weight as the f32 values the kernels multiply by (dequantised).
     pub fn unpack(&self) -> Vec<f32> {
-        let mut w = vec![0f32; self.out_dim * self.in_dim];
-        for n in 0..self.out_dim {
-            let scale = self.scales.get(n).copied().unwrap_or(1.0);
-            for k in 0..self.in_dim {
-                w[n * self.in_dim + k] = self.value(n / NB, n % NB, k) * scale;
-            }
+        let mut w = self.values_f32().to_vec();
+        for (row, &scale) in w.chunks_mut(self.in_dim).zip(&self.scales) {
+            row.iter_mut().for_each(|v| *v *= scale);
         }
         w
     }
@@ -278,22 +275,8 @@ impl PackedWeight {
         epilogue: Epilogue,
         out: &mut [f32],
     ) {
-        assert_eq!(
-            x.len(),
-            rows * self.in_dim,
-            "linear input has the wrong size"
-        );
-        assert_eq!(
-            out.len(),
-            rows * self.out_dim,
-            "linear output has the wrong size"
-        );
-        if let Some(b) = bias {
-            assert_eq!(b.len(), self.out_dim, "linear bias has the wrong size");
-        }
-        if let Epilogue::Residual { gamma: Some(g) } = epilogue {
-            assert_eq!(g.len(), self.out_dim, "layer scale has the wrong size");
-        }
+        let dims = (self.out_dim, self.in_dim);
+        super::linear::check_sizes(x, rows, dims, bias, epilogue, out);
         if rows == 0 || self.out_dim == 0 {
             return;
         }

@@ -69,12 +69,7 @@ impl PackedF32 {
         out: &mut [f32],
     ) {
         let k = self.in_dim;
-        assert_eq!(x.len(), rows * k, "linear input has the wrong size");
-        assert_eq!(
-            out.len(),
-            rows * self.out_dim,
-            "linear output has the wrong size"
-        );
+        super::linear::check_sizes(x, rows, (self.out_dim, k), bias, epilogue, out);
         assert!(super::has_avx512(), "the fp32 packed kernel needs AVX-512");
         if rows == 0 || self.out_dim == 0 {
             return;
