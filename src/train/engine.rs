@@ -349,6 +349,35 @@ pub(crate) fn prepare_checkpoint_dir(out: &Path, resume: bool) -> Result<PathBuf
     Ok(dir)
 }
 
+/// Opens the run's metrics log (continued from `resume`, see
+/// [`MetricsLog::open`]) and writes the recipe beside it.
+pub(crate) fn start_run_log(
+    out: &Path,
+    recipe: &impl Serialize,
+    resume: Option<&Progress>,
+) -> Result<MetricsLog> {
+    let log = MetricsLog::open(out.join("metrics.jsonl"), resume)?;
+    crate::util::write_atomic(
+        &out.join("recipe.toml"),
+        toml::to_string(recipe)?.as_bytes(),
+    )?;
+    Ok(log)
+}
+
+/// The progress bar of the current epoch, at the batch a resumed run starts from.
+pub(crate) fn epoch_bar(
+    per_epoch: usize,
+    progress: &Progress,
+    epochs: usize,
+) -> indicatif::ProgressBar {
+    let pb = crate::cli::progress(
+        per_epoch,
+        &format!("epoch {}/{}", progress.epoch + 1, epochs),
+    );
+    pb.set_position(progress.batch as u64);
+    pb
+}
+
 /// Appends JSON lines to `metrics.jsonl`; on resume, records the resumed run
 /// will write again are dropped so the log matches an uninterrupted run.
 pub(crate) struct MetricsLog {
@@ -470,11 +499,7 @@ pub fn train(
         progress = load_state(&ck, &mut opt)?.0;
         tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
     }
-    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(&progress))?;
-    crate::util::write_atomic(
-        &out.join("recipe.toml"),
-        toml::to_string(recipe)?.as_bytes(),
-    )?;
+    let mut log = start_run_log(out, recipe, resume.then_some(&progress))?;
     let mixup = (d.mixup > 0.0 || d.cutmix > 0.0).then_some(Mixup {
         mixup_alpha: d.mixup,
         cutmix_alpha: d.cutmix,
@@ -491,11 +516,7 @@ pub fn train(
     let start = std::time::Instant::now();
     while progress.epoch < recipe.schedule.epochs {
         let epoch = progress.epoch;
-        let pb = crate::cli::progress(
-            per_epoch,
-            &format!("epoch {}/{}", epoch + 1, recipe.schedule.epochs),
-        );
-        pb.set_position(progress.batch as u64);
+        let pb = epoch_bar(per_epoch, &progress, recipe.schedule.epochs);
         // Whole optimiser steps only: a trailing partial accumulation group is dropped.
         let usable = steps_per_epoch * accum;
         let mut micro = 0usize;

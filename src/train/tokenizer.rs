@@ -5,8 +5,8 @@
 //! restart re-seeds codes unused for a while from recent encoder outputs.
 
 use super::engine::{
-    MetricsLog, Progress, checkpoint, ensure_finite, latest_checkpoint, load_state, open_dataset,
-    report_failures, step_rng,
+    Progress, checkpoint, ensure_finite, epoch_bar, latest_checkpoint, load_state, open_dataset,
+    report_failures, start_run_log, step_rng,
 };
 use super::optim::{AdamW, OptimConfig, clip_grad_norm, cosine_lr};
 use super::plot::{Chart, Series, save_panels};
@@ -394,19 +394,11 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
         progress = p;
         tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
     }
-    let mut log = MetricsLog::open(out.join("metrics.jsonl"), resume.then_some(&progress))?;
-    crate::util::write_atomic(
-        &out.join("recipe.toml"),
-        toml::to_string(recipe)?.as_bytes(),
-    )?;
+    let mut log = start_run_log(out, recipe, resume.then_some(&progress))?;
     let start = std::time::Instant::now();
     while progress.epoch < recipe.schedule.epochs {
         let epoch = progress.epoch;
-        let pb = crate::cli::progress(
-            per_epoch,
-            &format!("epoch {}/{}", epoch + 1, recipe.schedule.epochs),
-        );
-        pb.set_position(progress.batch as u64);
+        let pb = epoch_bar(per_epoch, &progress, recipe.schedule.epochs);
         for b in loader.iter_epoch(epoch as u64, progress.batch) {
             report_failures(&b);
             progress.batch += 1;
