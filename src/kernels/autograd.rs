@@ -318,9 +318,12 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// Sums of the columns of a row-major matrix `width` wide, in parallel.
+/// Sums of the columns of a row-major matrix `width` wide, in parallel over
+/// fixed row chunks whose partial sums are added in order, so the result
+/// does not depend on thread scheduling (training resumes exactly).
 fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
-    g.par_chunks(chunk_rows(width) * width)
+    let partials: Vec<Vec<f32>> = g
+        .par_chunks(chunk_rows(width) * width)
         .map(|chunk| {
             let mut s = vec![0f32; width];
             for row in chunk.chunks_exact(width) {
@@ -328,13 +331,12 @@ fn column_sums(g: &[f32], width: usize) -> Vec<f32> {
             }
             s
         })
-        .reduce(
-            || vec![0f32; width],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+        .collect();
+    let mut sums = vec![0f32; width];
+    for p in partials {
+        sums.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    sums
 }
 
 /// Multi-head attention from packed qkv (B, N, 3C) with a (heads, N, N)
