@@ -283,18 +283,21 @@ fn eval_prints_a_json_summary_and_checks_labels() {
         root().join("assets/photos").display(),
         list.display()
     );
-    let out = beitv2(
-        &[
-            "eval",
-            "--weights",
-            w.to_str().unwrap(),
-            "--config",
-            c.to_str().unwrap(),
-            "--data",
-            &spec,
-        ],
-        &[],
-    );
+    let eval = || {
+        beitv2(
+            &[
+                "eval",
+                "--weights",
+                w.to_str().unwrap(),
+                "--config",
+                c.to_str().unwrap(),
+                "--data",
+                &spec,
+            ],
+            &[],
+        )
+    };
+    let out = eval();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["n"], 3);
@@ -309,18 +312,7 @@ fn eval_prints_a_json_summary_and_checks_labels() {
     );
     // A label the 10-class model cannot have is refused, naming the sample.
     std::fs::write(&list, "chelsea.png 3\ncoffee.png 12\n").unwrap();
-    let out = beitv2(
-        &[
-            "eval",
-            "--weights",
-            w.to_str().unwrap(),
-            "--config",
-            c.to_str().unwrap(),
-            "--data",
-            &spec,
-        ],
-        &[],
-    );
+    let out = eval();
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("coffee.png") || err.contains("12"), "{err}");
