@@ -32,6 +32,13 @@ pub trait SampleTransform: Send + Sync {
 
     /// `(height, width)` of every output; `apply` returns `3 * h * w` values.
     fn output_hw(&self) -> (usize, usize);
+
+    /// Values per sample: `3 * h * w` for an image; more for a transform
+    /// whose samples are records of several parts (views and a mask).
+    fn output_len(&self) -> usize {
+        let (h, w) = self.output_hw();
+        3 * h * w
+    }
 }
 
 /// The eval transform is deterministic and ignores the RNG.
@@ -48,7 +55,8 @@ impl SampleTransform for EvalTransform {
 /// One batch of transformed samples.
 #[derive(Debug)]
 pub struct Batch {
-    /// `(B, 3, H, W)` row-major, `B = indices.len()`.
+    /// `(B, 3, H, W)` row-major, `B = indices.len()` (or `B` records of
+    /// [`SampleTransform::output_len`] values).
     pub images: Vec<f32>,
     /// `(H, W)` of each image.
     pub hw: (usize, usize),
@@ -290,7 +298,7 @@ impl<T: SampleTransform> Producer<T> {
         }
         let hw = self.transform.output_hw();
         let mut batch = Batch {
-            images: Vec::with_capacity(indices.len() * 3 * hw.0 * hw.1),
+            images: Vec::with_capacity(indices.len() * self.transform.output_len()),
             hw,
             labels: Vec::with_capacity(indices.len()),
             indices: Vec::with_capacity(indices.len()),
@@ -318,10 +326,10 @@ impl<T: SampleTransform> Producer<T> {
             .transform
             .apply(&img, &mut rng)
             .with_context(|| format!("cannot transform {}", self.dataset.sample_name(i)))?;
-        let (h, w) = self.transform.output_hw();
+        let want = self.transform.output_len();
         ensure!(
-            chw.len() == 3 * h * w,
-            "transform returned {} values for {}, expected 3x{h}x{w}",
+            chw.len() == want,
+            "transform returned {} values for {}, expected {want}",
             chw.len(),
             self.dataset.sample_name(i)
         );

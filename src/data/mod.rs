@@ -19,3 +19,4 @@ pub use transforms::{
 pub mod augment;
 pub mod dataset;
 pub mod loader;
+pub mod masking;

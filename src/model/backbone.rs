@@ -158,6 +158,11 @@ impl Beit {
         Ok(())
     }
 
+    /// Flat (N·N) relative-position index for this input size.
+    pub fn rel_pos_index(&self) -> &Tensor {
+        &self.rel_pos_index
+    }
+
     pub fn device(&self) -> &Device {
         self.cls_token.device()
     }
@@ -176,10 +181,21 @@ impl Beit {
 
     /// Patch embedding, CLS token and absolute position embedding: (B, N, C).
     fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        self.embed_masked(x, None)
+    }
+
+    /// [`Self::embed`] with the patches where `mask` (B, N−1; 1 = masked) is
+    /// set replaced by `mask_token` (1, 1, C): the masked-image-modeling
+    /// input `x·(1 − w) + token·w`.
+    pub fn embed_masked(&self, x: &Tensor, mask: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         self.check_input(x)?;
         let _t = profile::scope("patch_embed", 0.0);
-        let patches = self.patch_embed.forward(x)?;
+        let mut patches = self.patch_embed.forward(x)?;
         let b = patches.dim(0)?;
+        if let Some((mask, token)) = mask {
+            let w = mask.unsqueeze(2)?;
+            patches = (patches.broadcast_mul(&(1.0 - &w)?)? + w.broadcast_mul(token)?)?;
+        }
         let cls = self.cls_token.broadcast_as((b, 1, self.cfg.embed_dim))?;
         let mut t = Tensor::cat(&[&cls, &patches], 1)?;
         if let Some(pe) = &self.pos_embed {
@@ -188,7 +204,9 @@ impl Beit {
         Ok(t)
     }
 
-    fn shared_bias(&self) -> Result<Option<Tensor>> {
+    /// The (heads, N, N) bias of the shared relative-position table, if the
+    /// model has one (gathered differentiably when the table is trainable).
+    pub fn shared_bias(&self) -> Result<Option<Tensor>> {
         if let Some(b) = &self.frozen_shared_bias {
             return Ok(Some(b.clone()));
         }

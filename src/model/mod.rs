@@ -5,6 +5,7 @@ pub mod backbone;
 pub mod clip;
 pub mod config;
 pub mod layers;
+pub mod mim;
 pub mod rel_pos;
 pub mod vqkd;
 

@@ -1,15 +1,17 @@
-//! The training loop shared by fine-tuning and linear probing, readable top
-//! to bottom: data → forward → loss → backward → clip → AdamW, with atomic
-//! checkpoints, exact resume, a JSONL metrics log and PNG curves.
+//! The one training loop of every training command (fine-tuning, linear
+//! probing, tokenizer training, MIM pretraining), readable top to bottom in
+//! [`run`]: data → forward → loss → backward → clip → AdamW → log →
+//! checkpoint, with atomic checkpoints, exact resume, a JSONL metrics log and
+//! PNG curves. What differs between the commands sits behind [`Objective`].
 //!
 //! Exact resume needs no saved RNG state: the data order comes from
 //! (seed, epoch), each sample's augmentation from (seed, epoch, index), and
 //! the batch-level randomness (mixup, drop path) from (seed, step).
 
 use super::loss::{correct_top_k, smoothed_targets, soft_target_cross_entropy};
-use super::optim::{AdamW, clip_grad_norm, cosine_lr};
+use super::optim::{AdamW, DecayRule, OptimConfig, clip_grad_norm, cosine_lr};
 use super::plot::{Chart, Series, save_panels};
-use super::recipe::Recipe;
+use super::recipe::{Recipe, RunSection, ScheduleSection};
 use crate::data::augment::{Mixup, TrainTransform};
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Batch, Loader, LoaderConfig, SampleTransform};
@@ -58,7 +60,11 @@ pub struct Progress {
     pub batch: usize,
     /// Optimiser steps taken.
     pub step: u64,
+    /// Best end-of-epoch score so far (validation top-1).
     pub best_top1: f64,
+    /// Whether a `best` export has been written.
+    #[serde(default)]
+    pub has_best: bool,
 }
 
 /// Evaluation summary.
@@ -430,38 +436,332 @@ impl MetricsLog {
             .collect()
     }
 
-    fn plot(&self, path: &Path) -> Result<()> {
-        let s = |name: &str, kind: &str, key: &str| Series {
-            name: name.to_string(),
-            points: self.series(kind, key),
-        };
-        let charts = vec![
-            Chart {
-                title: "training loss".into(),
+    /// Draws `charts` from the logged records into one PNG.
+    pub(crate) fn plot(&self, charts: &[ChartSpec], path: &Path) -> Result<()> {
+        let charts: Vec<Chart> = charts
+            .iter()
+            .map(|c| Chart {
+                title: c.title.into(),
                 x_label: "step".into(),
-                y_label: "loss".into(),
-                series: vec![
-                    s("train loss", "train", "loss"),
-                    s("val loss", "val", "loss"),
-                ],
+                y_label: c.y_label.into(),
+                series: c
+                    .series
+                    .iter()
+                    .map(|(name, kind, key)| Series {
+                        name: name.to_string(),
+                        points: self.series(kind, key),
+                    })
+                    .collect(),
                 log_y: false,
-            },
-            Chart {
-                title: "validation accuracy".into(),
-                x_label: "step".into(),
-                y_label: "%".into(),
-                series: vec![s("top-1", "val", "top1"), s("top-5", "val", "top5")],
-                log_y: false,
-            },
-            Chart {
-                title: "learning rate".into(),
-                x_label: "step".into(),
-                y_label: "lr".into(),
-                series: vec![s("lr", "train", "lr")],
-                log_y: false,
-            },
-        ];
+            })
+            .collect();
         save_panels(&charts, path)
+    }
+}
+
+/// Values logged with a step or an epoch record.
+pub type Metrics = serde_json::Map<String, serde_json::Value>;
+
+/// What an objective reports at the end of an epoch.
+pub struct EpochRecord {
+    /// The record's `kind` in `metrics.jsonl` (`val`, `epoch`, ...).
+    pub kind: &'static str,
+    pub values: Metrics,
+    /// Higher is better; a new best writes the `best` export.
+    pub score: Option<f64>,
+    /// One line for the terminal.
+    pub summary: String,
+}
+
+/// One panel of `curves.png`: series are `(legend, record kind, key)`.
+pub struct ChartSpec {
+    pub title: &'static str,
+    pub y_label: &'static str,
+    pub series: Vec<(&'static str, &'static str, &'static str)>,
+}
+
+/// What differs between the training commands; the loop in [`run`] does
+/// the rest (data, accumulation, clipping, AdamW, schedule, logging,
+/// checkpoints, resume).
+pub trait Objective {
+    /// The trainable variables, by canonical name.
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// Depth for layer-wise lr decay (0: none) and which parameters skip
+    /// weight decay.
+    fn param_groups(&self) -> (usize, DecayRule);
+    /// Forward pass and loss of one micro-batch, with values to log
+    /// (averaged over an accumulation group); `None` when the batch has
+    /// nothing to learn from. `rng` is this micro-batch's (drop path, mixup).
+    fn loss(&mut self, batch: &Batch, rng: &mut ChaCha8Rng) -> Result<Option<(Tensor, Metrics)>>;
+    /// Runs after every optimiser step (state moved without gradients, such
+    /// as a codebook EMA); values to add to the step's record.
+    fn after_step(&mut self, _step: u64, _rng: &mut ChaCha8Rng) -> Result<Metrics> {
+        Ok(Metrics::new())
+    }
+    /// Non-gradient state an exact resume needs, saved in every checkpoint.
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// Restores [`Objective::state`] from a checkpoint.
+    fn restore(&mut self, _state: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+    /// After epoch `epoch` (1-based) ends: evaluation or statistics to log.
+    fn end_epoch(&mut self, epoch: usize) -> Result<Option<EpochRecord>>;
+    /// Writes the trained model into `out`: the `best` copy or the last.
+    fn export(&self, out: &Path, best: bool) -> Result<()>;
+    /// The panels of `curves.png`.
+    fn charts(&self) -> Vec<ChartSpec>;
+}
+
+/// The loop's settings, from a recipe.
+pub struct LoopConfig<'a> {
+    pub schedule: &'a ScheduleSection,
+    pub optim: &'a OptimConfig,
+    pub run: &'a RunSection,
+}
+
+/// Trains `obj` on the batches of `loader`: data → forward → loss →
+/// backward (accumulated over `schedule.accum_steps` micro-batches) → clip →
+/// AdamW at the warmup + cosine lr → log → checkpoint, with end-of-epoch
+/// evaluation and exports. Resumes from the newest checkpoint in the output
+/// folder when `resume`; `recipe` is written beside the log.
+pub fn run<T: SampleTransform + 'static>(
+    obj: &mut dyn Objective,
+    loader: &Loader<T>,
+    cfg: &LoopConfig,
+    recipe: &impl Serialize,
+    resume: bool,
+) -> Result<()> {
+    let (schedule, run) = (cfg.schedule, cfg.run);
+    let out = &run.output;
+    let per_epoch = loader.batches_per_epoch();
+    let accum = schedule.accum_steps.max(1);
+    let steps_per_epoch = per_epoch / accum;
+    if steps_per_epoch == 0 {
+        bail!("an epoch has {per_epoch} batches, fewer than schedule.accum_steps = {accum}");
+    }
+    let total = steps_per_epoch * schedule.epochs;
+    let warmup = steps_per_epoch * schedule.warmup_epochs;
+    let ckpt_dir = prepare_checkpoint_dir(out, resume)?;
+    let (depth, rule) = obj.param_groups();
+    let mut opt = AdamW::with_rule(obj.trainable(), depth, cfg.optim.clone(), rule)?;
+    let mut progress = Progress::default();
+    if resume && let Some(ck) = latest_checkpoint(out) {
+        let (p, state) = load_state(&ck, &mut opt)?;
+        obj.restore(&state)
+            .with_context(|| format!("restoring the state saved in {}", ck.display()))?;
+        progress = p;
+        tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
+    }
+    let mut log = start_run_log(out, recipe, resume.then_some(&progress))?;
+    let abort_after: Option<u64> = std::env::var("BEITV2_ABORT_AFTER_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let start = std::time::Instant::now();
+    while progress.epoch < schedule.epochs {
+        let epoch = progress.epoch;
+        let pb = epoch_bar(per_epoch, &progress, schedule.epochs);
+        // Whole optimiser steps only: a trailing partial accumulation group is dropped.
+        let usable = steps_per_epoch * accum;
+        let mut micro = 0usize;
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut loss_acc = 0f64;
+        let mut metrics = Metrics::new();
+        let step_start = std::time::Instant::now();
+        let mut images_in_step = 0usize;
+        for b in loader
+            .iter_epoch(epoch as u64, progress.batch)
+            .take(usable.saturating_sub(progress.batch))
+        {
+            report_failures(&b);
+            let mut rng = step_rng(run.seed, progress.step * accum as u64 + micro as u64);
+            if let Some((loss, m)) = obj.loss(&b, &mut rng)? {
+                let lv = loss.to_scalar::<f32>()? as f64;
+                ensure_finite(lv, progress.step, &ckpt_dir)?;
+                loss_acc += lv / accum as f64;
+                for (k, v) in m {
+                    if let Some(x) = v.as_f64() {
+                        let sum = metrics.get(&k).and_then(|s| s.as_f64()).unwrap_or(0.0);
+                        metrics.insert(k, serde_json::json!(sum + x / accum as f64));
+                    }
+                }
+                images_in_step += b.len();
+                let g = (loss / accum as f64)?.backward()?;
+                grads = Some(match grads.take() {
+                    None => g,
+                    Some(acc) => add_grads(acc, g, &opt)?,
+                });
+            }
+            micro += 1;
+            progress.batch += 1;
+            pb.inc(1);
+            if micro < accum {
+                continue;
+            }
+            micro = 0;
+            let lr = cosine_lr(
+                cfg.optim.lr,
+                cfg.optim.min_lr,
+                warmup,
+                total,
+                progress.step as usize,
+            );
+            let mut g = grads.take().unwrap_or_default();
+            let grad_norm = clip_grad_norm(&mut g, &opt.params, cfg.optim.clip_grad)?;
+            opt.step(&g, lr)?;
+            drop(g);
+            progress.step += 1;
+            metrics.extend(obj.after_step(progress.step, &mut rng)?);
+            let mut record = serde_json::json!({
+                "kind": "train", "step": progress.step, "epoch": epoch, "loss": loss_acc,
+                "lr": lr, "grad_norm": grad_norm, "elapsed_s": start.elapsed().as_secs_f64(),
+            });
+            if let Some(o) = record.as_object_mut() {
+                o.extend(std::mem::take(&mut metrics));
+            }
+            log.push(record)?;
+            if abort_after == Some(progress.step) {
+                // Simulated kill (tests of exact resume): no checkpoint for this step.
+                std::process::abort();
+            }
+            let ips = images_in_step as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!(
+                "epoch {} loss {loss_acc:.4} {ips:.1} img/s",
+                epoch + 1
+            ));
+            loss_acc = 0.0;
+            images_in_step = 0;
+            if run.ckpt_every > 0 && progress.step % run.ckpt_every as u64 == 0 {
+                checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
+            }
+        }
+        pb.finish_and_clear();
+        progress.epoch += 1;
+        progress.batch = 0;
+        if let Some(r) = obj.end_epoch(progress.epoch)? {
+            eprintln!("epoch {}: {}", progress.epoch, r.summary);
+            let mut record = serde_json::json!({
+                "kind": r.kind, "step": progress.step, "epoch": progress.epoch,
+            });
+            if let Some(o) = record.as_object_mut() {
+                o.extend(r.values);
+            }
+            log.push(record)?;
+            if let Some(score) = r.score
+                && (score > progress.best_top1 || !progress.has_best)
+            {
+                progress.best_top1 = score;
+                progress.has_best = true;
+                obj.export(out, true)?;
+            }
+        }
+        checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
+        obj.export(out, false)?;
+    }
+    log.plot(&obj.charts(), &out.join("curves.png"))?;
+    Ok(())
+}
+
+/// `acc + g` for every trainable parameter (gradient accumulation).
+fn add_grads(
+    mut acc: candle_core::backprop::GradStore,
+    g: candle_core::backprop::GradStore,
+    opt: &AdamW,
+) -> Result<candle_core::backprop::GradStore> {
+    for p in &opt.params {
+        if let Some(gi) = g.get(p.var.as_tensor()) {
+            let sum = match acc.get(p.var.as_tensor()) {
+                Some(a) => (a + gi)?,
+                None => gi.clone(),
+            };
+            acc.insert(p.var.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
+}
+
+/// Fine-tuning and linear probing: soft-target cross-entropy on the task's
+/// logits (mixup/cutmix and label smoothing as the recipe says), top-1 on
+/// the validation set after each epoch.
+pub struct Supervised<'a> {
+    task: &'a dyn Task,
+    mixup: Option<Mixup>,
+    smoothing: f64,
+    val: Option<(Arc<Dataset>, EvalTransform, usize, usize)>,
+    /// The last validation result.
+    pub last_eval: Option<EvalResult>,
+}
+
+impl Objective for Supervised<'_> {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.task.trainable()
+    }
+    fn param_groups(&self) -> (usize, DecayRule) {
+        (self.task.depth(), DecayRule::Finetune)
+    }
+    fn loss(&mut self, b: &Batch, rng: &mut ChaCha8Rng) -> Result<Option<(Tensor, Metrics)>> {
+        if b.labels.is_empty() {
+            return Ok(None);
+        }
+        let (k, (h, w), n) = (self.task.num_classes(), self.task.input_hw(), b.labels.len());
+        let mut x = b.images.clone();
+        let targets = match &self.mixup {
+            Some(m) if n % 2 == 0 => {
+                let t = m.apply(&mut x, (n, 3, h, w), &b.labels, rng)?;
+                Tensor::from_vec(t, (n, k), &Device::Cpu)?
+            }
+            _ => smoothed_targets(&b.labels, k, self.smoothing)?,
+        };
+        let x = Tensor::from_vec(x, (n, 3, h, w), &Device::Cpu)?;
+        let logits = self.task.logits(&x, Some(rng))?;
+        Ok(Some((
+            soft_target_cross_entropy(&logits, &targets)?,
+            Metrics::new(),
+        )))
+    }
+    fn end_epoch(&mut self, _epoch: usize) -> Result<Option<EpochRecord>> {
+        let Some((data, t, batch, workers)) = &self.val else {
+            return Ok(None);
+        };
+        let r = evaluate(self.task, data.clone(), t.clone(), *batch, *workers)?;
+        let rec = EpochRecord {
+            kind: "val",
+            values: serde_json::json!({"top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            score: Some(r.top1),
+            summary: format!(
+                "val top-1 {:.2}%  top-5 {:.2}%  loss {:.4}",
+                r.top1, r.top5, r.loss
+            ),
+        };
+        self.last_eval = Some(r);
+        Ok(Some(rec))
+    }
+    fn export(&self, out: &Path, best: bool) -> Result<()> {
+        let name = if best { "model-best" } else { "model-last" };
+        self.task.export(&out.join(format!("{name}.safetensors")))
+    }
+    fn charts(&self) -> Vec<ChartSpec> {
+        vec![
+            ChartSpec {
+                title: "training loss",
+                y_label: "loss",
+                series: vec![("train loss", "train", "loss"), ("val loss", "val", "loss")],
+            },
+            ChartSpec {
+                title: "validation accuracy",
+                y_label: "%",
+                series: vec![("top-1", "val", "top1"), ("top-5", "val", "top5")],
+            },
+            ChartSpec {
+                title: "learning rate",
+                y_label: "lr",
+                series: vec![("lr", "train", "lr")],
+            },
+        ]
     }
 }
 
@@ -476,30 +776,13 @@ pub fn train(
     eval_transform: EvalTransform,
     resume: bool,
 ) -> Result<Option<EvalResult>> {
-    let out = &recipe.run.output;
     let k = task.num_classes();
     train.check_labels(k)?;
     if let Some(v) = &val {
         v.check_labels(k)?;
     }
     let d = &recipe.data;
-    let (loader, per_epoch) =
-        train_loader(train, transform, d.batch_size, d.workers, recipe.run.seed)?;
-    let accum = recipe.schedule.accum_steps;
-    let steps_per_epoch = per_epoch / accum;
-    if steps_per_epoch == 0 {
-        bail!("an epoch has {per_epoch} batches, fewer than schedule.accum_steps = {accum}");
-    }
-    let total = steps_per_epoch * recipe.schedule.epochs;
-    let warmup = steps_per_epoch * recipe.schedule.warmup_epochs;
-    let ckpt_dir = prepare_checkpoint_dir(out, resume)?;
-    let mut opt = AdamW::new(task.trainable(), task.depth(), recipe.optim.clone())?;
-    let mut progress = Progress::default();
-    if resume && let Some(ck) = latest_checkpoint(out) {
-        progress = load_state(&ck, &mut opt)?.0;
-        tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
-    }
-    let mut log = start_run_log(out, recipe, resume.then_some(&progress))?;
+    let (loader, _) = train_loader(train, transform, d.batch_size, d.workers, recipe.run.seed)?;
     let mixup = (d.mixup > 0.0 || d.cutmix > 0.0).then_some(Mixup {
         mixup_alpha: d.mixup,
         cutmix_alpha: d.cutmix,
@@ -508,125 +791,20 @@ pub fn train(
         label_smoothing: d.smoothing,
         num_classes: k,
     });
-    let hw = task.input_hw();
-    let abort_after: Option<u64> = std::env::var("BEITV2_ABORT_AFTER_STEP")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let mut last_eval = None;
-    let start = std::time::Instant::now();
-    while progress.epoch < recipe.schedule.epochs {
-        let epoch = progress.epoch;
-        let pb = epoch_bar(per_epoch, &progress, recipe.schedule.epochs);
-        // Whole optimiser steps only: a trailing partial accumulation group is dropped.
-        let usable = steps_per_epoch * accum;
-        let mut micro = 0usize;
-        let mut grads: Option<candle_core::backprop::GradStore> = None;
-        let mut loss_acc = 0f64;
-        for b in loader
-            .iter_epoch(epoch as u64, progress.batch)
-            .take(usable.saturating_sub(progress.batch))
-        {
-            report_failures(&b);
-            let mut rng = step_rng(recipe.run.seed, progress.step * accum as u64 + micro as u64);
-            if !b.labels.is_empty() {
-                let mut x = b.images.clone();
-                let targets = match &mixup {
-                    Some(m) if b.labels.len() % 2 == 0 => {
-                        let t =
-                            m.apply(&mut x, (b.labels.len(), 3, hw.0, hw.1), &b.labels, &mut rng)?;
-                        Tensor::from_vec(t, (b.labels.len(), k), &Device::Cpu)?
-                    }
-                    _ => smoothed_targets(&b.labels, k, d.smoothing)?,
-                };
-                let x = Tensor::from_vec(x, (b.labels.len(), 3, hw.0, hw.1), &Device::Cpu)?;
-                let logits = task.logits(&x, Some(&mut rng))?;
-                let loss = soft_target_cross_entropy(&logits, &targets)?;
-                let lv = loss.to_scalar::<f32>()? as f64;
-                ensure_finite(lv, progress.step, &ckpt_dir)?;
-                loss_acc += lv / accum as f64;
-                let g = (loss / accum as f64)?.backward()?;
-                grads = Some(match grads.take() {
-                    None => g,
-                    Some(mut acc) => {
-                        for p in &opt.params {
-                            if let Some(gi) = g.get(p.var.as_tensor()) {
-                                let sum = match acc.get(p.var.as_tensor()) {
-                                    Some(a) => (a + gi)?,
-                                    None => gi.clone(),
-                                };
-                                acc.insert(p.var.as_tensor(), sum);
-                            }
-                        }
-                        acc
-                    }
-                });
-            }
-            micro += 1;
-            progress.batch += 1;
-            pb.inc(1);
-            if micro < accum {
-                continue;
-            }
-            micro = 0;
-            let lr = cosine_lr(
-                recipe.optim.lr,
-                recipe.optim.min_lr,
-                warmup,
-                total,
-                progress.step as usize,
-            );
-            let mut g = grads.take().unwrap_or_default();
-            let grad_norm = clip_grad_norm(&mut g, &opt.params, recipe.optim.clip_grad)?;
-            opt.step(&g, lr)?;
-            progress.step += 1;
-            log.push(serde_json::json!({
-                "kind": "train", "step": progress.step, "epoch": epoch, "loss": loss_acc,
-                "lr": lr, "grad_norm": grad_norm, "elapsed_s": start.elapsed().as_secs_f64(),
-            }))?;
-            if abort_after == Some(progress.step) {
-                // Simulated kill (tests of exact resume): no checkpoint for this step.
-                std::process::abort();
-            }
-            pb.set_message(format!("epoch {} loss {loss_acc:.4}", epoch + 1));
-            loss_acc = 0.0;
-            if recipe.run.ckpt_every > 0 && progress.step % recipe.run.ckpt_every as u64 == 0 {
-                checkpoint(&ckpt_dir, &opt, &progress, &[], recipe.run.keep_last)?;
-            }
-        }
-        pb.finish_and_clear();
-        progress.epoch += 1;
-        progress.batch = 0;
-        if let Some(v) = &val {
-            let r = evaluate(
-                task,
-                v.clone(),
-                eval_transform.clone(),
-                d.batch_size,
-                d.workers.max(1),
-            )?;
-            eprintln!(
-                "epoch {}: val top-1 {:.2}%  top-5 {:.2}%  loss {:.4}",
-                epoch + 1,
-                r.top1,
-                r.top5,
-                r.loss
-            );
-            log.push(serde_json::json!({
-                "kind": "val", "step": progress.step, "epoch": epoch + 1,
-                "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n,
-            }))?;
-            let best_path = out.join("model-best.safetensors");
-            if r.top1 > progress.best_top1 || !best_path.exists() {
-                progress.best_top1 = r.top1;
-                task.export(&best_path)?;
-            }
-            last_eval = Some(r);
-        }
-        checkpoint(&ckpt_dir, &opt, &progress, &[], recipe.run.keep_last)?;
-        task.export(&out.join("model-last.safetensors"))?;
-    }
-    log.plot(&out.join("curves.png"))?;
-    Ok(last_eval)
+    let mut obj = Supervised {
+        task,
+        mixup,
+        smoothing: d.smoothing,
+        val: val.map(|v| (v, eval_transform, d.batch_size, d.workers.max(1))),
+        last_eval: None,
+    };
+    let cfg = LoopConfig {
+        schedule: &recipe.schedule,
+        optim: &recipe.optim,
+        run: &recipe.run,
+    };
+    run(&mut obj, &loader, &cfg, recipe, resume)?;
+    Ok(obj.last_eval)
 }
 
 #[cfg(test)]

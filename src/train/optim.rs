@@ -37,6 +37,31 @@ pub fn decays(name: &str, rank: usize) -> bool {
         || name.ends_with("relative_position_bias_table"))
 }
 
+/// Which parameters are exempt from weight decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecayRule {
+    /// Fine-tuning and tokenizer training: [`decays`] (no decay for 1-D
+    /// tensors, biases, tokens, position embeddings and relative-position
+    /// tables).
+    Finetune,
+    /// unilm's MIM pretraining (`get_parameter_groups` with
+    /// `no_weight_decay() = {pos_embed, cls_token}`): 1-D tensors, biases,
+    /// `pos_embed` and `cls_token` only — the mask token and the shared
+    /// relative-position table *are* decayed.
+    Pretrain,
+}
+
+impl DecayRule {
+    pub fn decays(self, name: &str, rank: usize) -> bool {
+        match self {
+            DecayRule::Finetune => decays(name, rank),
+            DecayRule::Pretrain => {
+                !(rank <= 1 || name.ends_with(".bias") || matches!(name, "pos_embed" | "cls_token"))
+            }
+        }
+    }
+}
+
 /// Optimisation hyper-parameters (the `optim` section of a recipe).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,11 +86,22 @@ pub struct GroupInfo {
 }
 
 pub fn group_info(name: &str, rank: usize, depth: usize, cfg: &OptimConfig) -> GroupInfo {
+    group_info_with(name, rank, depth, cfg, DecayRule::Finetune)
+}
+
+/// [`group_info`] under another weight-decay rule.
+pub fn group_info_with(
+    name: &str,
+    rank: usize,
+    depth: usize,
+    cfg: &OptimConfig,
+    rule: DecayRule,
+) -> GroupInfo {
     let id = layer_id(name, depth);
     GroupInfo {
         layer_id: id,
         lr_scale: cfg.layer_decay.powi((depth + 1 - id) as i32),
-        weight_decay: if decays(name, rank) {
+        weight_decay: if rule.decays(name, rank) {
             cfg.weight_decay
         } else {
             0.0
@@ -91,12 +127,22 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, depth: usize, cfg: OptimConfig) -> Result<Self> {
+        Self::with_rule(vars, depth, cfg, DecayRule::Finetune)
+    }
+
+    /// [`AdamW::new`] with the parameter groups of `rule`.
+    pub fn with_rule(
+        vars: Vec<(String, Var)>,
+        depth: usize,
+        cfg: OptimConfig,
+        rule: DecayRule,
+    ) -> Result<Self> {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
                 let t = var.as_tensor();
                 Ok(Param {
-                    group: group_info(&name, t.rank(), depth, &cfg),
+                    group: group_info_with(&name, t.rank(), depth, &cfg, rule),
                     exp_avg: t.zeros_like()?,
                     exp_avg_sq: t.zeros_like()?,
                     name,

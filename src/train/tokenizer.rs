@@ -4,13 +4,11 @@
 //! by EMA, initialised by k-means on the first batch. An optional dead-code
 //! restart re-seeds codes unused for a while from recent encoder outputs.
 
-use super::engine::{
-    Progress, checkpoint, ensure_finite, epoch_bar, latest_checkpoint, load_state, open_dataset,
-    report_failures, start_run_log, step_rng,
-};
-use super::optim::{AdamW, OptimConfig, clip_grad_norm, cosine_lr};
-use super::plot::{Chart, Series, save_panels};
-use super::recipe::RunSection;
+use super::engine::{ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, open_dataset, step_rng};
+use super::optim::{DecayRule, OptimConfig};
+use super::recipe::{RunSection, ScheduleSection};
+use crate::data::loader::Batch;
+use rand_chacha::ChaCha8Rng;
 use crate::checkpoint::{self, VQKD_CONFIG_METADATA_KEY};
 use crate::data::augment::TrainTransform;
 use crate::model::Beit;
@@ -316,17 +314,179 @@ fn init_tokenizer(cfg: &VqkdConfig, seed: u64) -> Result<HashMap<String, Tensor>
     Ok(out)
 }
 
-/// The non-gradient state a checkpoint must carry for an exact resume.
-fn state_buffers(tok: &Trainable, window: &[u64], epoch: &[u64]) -> Result<Vec<(String, Tensor)>> {
-    let counts = |c: &[u64]| -> Result<Tensor> {
-        let v: Vec<u32> = c.iter().map(|&x| x.min(u32::MAX as u64) as u32).collect();
-        Ok(Tensor::from_vec(v, c.len(), &Device::Cpu)?)
-    };
-    Ok(vec![
-        ("codebook".to_string(), tok.codebook.as_tensor().detach()),
-        ("usage_window".to_string(), counts(window)?),
-        ("usage_epoch".to_string(), counts(epoch)?),
-    ])
+/// Tokenizer training as an [`Objective`]: reconstruction + commitment loss
+/// through the gradients, the codebook by EMA after each step (k-means on
+/// the first batch), optional dead-code restarts.
+struct TokenizerObjective<'a> {
+    tok: Trainable,
+    teacher: &'a Teacher,
+    quantizer: &'a QuantizerSection,
+    initted: bool,
+    /// Usage since the last dead-code restart, and over the current epoch.
+    window: Vec<u64>,
+    epoch_counts: Vec<u64>,
+    /// Normalised codes and their ids from the last forward, for the EMA.
+    pending: Option<(Tensor, Vec<u32>)>,
+}
+
+impl TokenizerObjective<'_> {
+    fn n_codes(&self) -> usize {
+        self.tok.model.cfg.n_codes
+    }
+}
+
+fn counts_tensor(c: &[u64]) -> Result<Tensor> {
+    let v: Vec<u32> = c.iter().map(|&x| x.min(u32::MAX as u64) as u32).collect();
+    Ok(Tensor::from_vec(v, c.len(), &Device::Cpu)?)
+}
+
+fn counts_from(state: &HashMap<String, Tensor>, key: &str, n: usize) -> Result<Vec<u64>> {
+    match state.get(key) {
+        Some(t) => Ok(t.to_vec1::<u32>()?.into_iter().map(u64::from).collect()),
+        None => Ok(vec![0; n]),
+    }
+}
+
+impl Objective for TokenizerObjective<'_> {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.tok.vars.clone()
+    }
+    fn param_groups(&self) -> (usize, DecayRule) {
+        (0, DecayRule::Finetune)
+    }
+    fn loss(&mut self, b: &Batch, rng: &mut ChaCha8Rng) -> Result<Option<(Tensor, Metrics)>> {
+        if b.is_empty() {
+            return Ok(None);
+        }
+        let n_codes = self.n_codes();
+        let x = Vqkd::preprocess(&b.images_tensor(&Device::Cpu)?)?;
+        let target = self.teacher.targets(&x)?.detach();
+        let code = self.tok.model.encode(&x)?;
+        if !self.initted {
+            // k-means on the first batch's normalised codes (spec E.5).
+            let z = l2_normalize(&code.detach())?.flatten_to(1)?;
+            let m = z.dim(0)?;
+            let init: Vec<usize> = if m >= n_codes {
+                sample(rng, m, n_codes).into_vec()
+            } else {
+                (0..n_codes).map(|_| rng.random_range(0..m)).collect()
+            };
+            let (means, _) = kmeans(&z, &init, self.quantizer.kmeans_iters)?;
+            self.tok.codebook.set(&means)?;
+            self.initted = true;
+        }
+        let q = self.tok.model.quantize(&code)?;
+        let rec = self.tok.model.decode(&q.z_q)?;
+        let rec_loss = cosine_rec_loss(&rec, &target)?;
+        let loss = (&rec_loss + &q.commit_loss)?;
+        let ids = q.ids.flatten_all()?.to_vec1::<u32>()?;
+        let usage = CodeUsage {
+            counts: code_counts(&ids, n_codes),
+        };
+        let metrics = serde_json::json!({
+            "rec_loss": rec_loss.to_scalar::<f32>()?,
+            "commit_loss": q.commit_loss.to_scalar::<f32>()?,
+            "used_codes": n_codes - usage.unused(),
+            "perplexity": usage.perplexity(),
+        });
+        self.pending = Some((q.z.detach().flatten_to(1)?, ids));
+        Ok(Some((loss, metrics.as_object().cloned().unwrap_or_default())))
+    }
+    fn after_step(&mut self, step: u64, rng: &mut ChaCha8Rng) -> Result<Metrics> {
+        let n_codes = self.n_codes();
+        let Some((z, ids)) = self.pending.take() else {
+            return Ok(Metrics::new());
+        };
+        // Codebook EMA on this batch's assignments.
+        let (book, bins) = ema_update(self.tok.codebook.as_tensor(), &z, &ids, self.quantizer.decay)?;
+        self.tok.codebook.set(&book)?;
+        for (i, c) in bins.iter().enumerate() {
+            self.window[i] += c;
+            self.epoch_counts[i] += c;
+        }
+        let mut restarted = 0;
+        let every = self.quantizer.restart_every as u64;
+        if every > 0 && step % every == 0 {
+            let dead: Vec<usize> = (0..n_codes).filter(|&i| self.window[i] == 0).collect();
+            if !dead.is_empty() {
+                let m = z.dim(0)?;
+                let picks: Vec<u32> = dead.iter().map(|_| rng.random_range(0..m) as u32).collect();
+                let fresh = z.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
+                let mut rows: Vec<Tensor> = (0..n_codes)
+                    .map(|i| self.tok.codebook.as_tensor().i(i))
+                    .collect::<candle_core::Result<_>>()?;
+                for (j, &i) in dead.iter().enumerate() {
+                    rows[i] = fresh.i(j)?;
+                }
+                self.tok.codebook.set(&Tensor::stack(&rows, 0)?)?;
+                restarted = dead.len();
+            }
+            self.window = vec![0; n_codes];
+        }
+        let mut m = Metrics::new();
+        m.insert("restarted".into(), restarted.into());
+        Ok(m)
+    }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            ("codebook".to_string(), self.tok.codebook.as_tensor().detach()),
+            ("usage_window".to_string(), counts_tensor(&self.window)?),
+            ("usage_epoch".to_string(), counts_tensor(&self.epoch_counts)?),
+        ])
+    }
+    fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let n = self.n_codes();
+        let book = state.get("codebook").context("no codebook in the checkpoint")?;
+        self.tok.codebook.set(book)?;
+        self.window = counts_from(state, "usage_window", n)?;
+        self.epoch_counts = counts_from(state, "usage_epoch", n)?;
+        self.initted = true;
+        Ok(())
+    }
+    fn end_epoch(&mut self, _epoch: usize) -> Result<Option<EpochRecord>> {
+        let n_codes = self.n_codes();
+        let usage = CodeUsage {
+            counts: std::mem::replace(&mut self.epoch_counts, vec![0; n_codes]),
+        };
+        let values = serde_json::json!({
+            "used_codes": n_codes - usage.unused(), "unused_codes": usage.unused(),
+            "perplexity": usage.perplexity(),
+        });
+        Ok(Some(EpochRecord {
+            kind: "epoch",
+            values: values.as_object().cloned().unwrap_or_default(),
+            score: None,
+            summary: format!(
+                "{} of {n_codes} codes used, perplexity {:.1}",
+                n_codes - usage.unused(),
+                usage.perplexity()
+            ),
+        }))
+    }
+    fn export(&self, out: &Path, _best: bool) -> Result<()> {
+        self.tok.export(&out.join("tokenizer-last.safetensors"))
+    }
+    fn charts(&self) -> Vec<ChartSpec> {
+        vec![
+            ChartSpec {
+                title: "tokenizer losses",
+                y_label: "loss",
+                series: vec![
+                    ("total", "train", "loss"),
+                    ("reconstruction", "train", "rec_loss"),
+                    ("commitment", "train", "commit_loss"),
+                ],
+            },
+            ChartSpec {
+                title: "codebook usage per step",
+                y_label: "codes",
+                series: vec![
+                    ("used codes", "train", "used_codes"),
+                    ("perplexity", "train", "perplexity"),
+                ],
+            },
+        ]
+    }
 }
 
 /// Trains a tokenizer; returns the path of the exported tokenizer.
@@ -350,8 +510,6 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
             cfg.img_size
         );
     }
-    let out = &recipe.run.output;
-    let ckpt_dir = super::engine::prepare_checkpoint_dir(out, resume)?;
     let d = &recipe.data;
     let mut data = open_dataset(&d.train)?;
     if d.limit > 0 && d.limit < data.len() {
@@ -359,180 +517,33 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
     }
     let mut transform = TrainTransform::simple(cfg.img_size, [0.0; 3], [1.0; 3]);
     transform.rrc.scale = (d.min_crop_scale, 1.0);
-    let (loader, per_epoch) = super::engine::train_loader(
+    let (loader, _) = super::engine::train_loader(
         Arc::new(data),
         transform,
         d.batch_size,
         d.workers,
         recipe.run.seed,
     )?;
-    let total = per_epoch * recipe.schedule.epochs;
-    let warmup = per_epoch * recipe.schedule.warmup_epochs;
-    let tok = Trainable::new(&cfg, init_tokenizer(&cfg, recipe.run.seed)?)?;
-    let mut opt = AdamW::new(tok.vars.clone(), 0, recipe.optim.clone())?;
-    let mut progress = Progress::default();
-    let mut initted = false;
     let n_codes = cfg.n_codes;
-    // Usage since the last dead-code restart, and over the current epoch.
-    let mut window = vec![0u64; n_codes];
-    let mut epoch_counts = vec![0u64; n_codes];
-    let counts_from = |buffers: &HashMap<String, Tensor>, key: &str| -> Result<Vec<u64>> {
-        match buffers.get(key) {
-            Some(t) => Ok(t.to_vec1::<u32>()?.into_iter().map(u64::from).collect()),
-            None => Ok(vec![0; n_codes]),
-        }
+    let mut obj = TokenizerObjective {
+        tok: Trainable::new(&cfg, init_tokenizer(&cfg, recipe.run.seed)?)?,
+        teacher: &teacher,
+        quantizer: &recipe.quantizer,
+        initted: false,
+        window: vec![0; n_codes],
+        epoch_counts: vec![0; n_codes],
+        pending: None,
     };
-    if resume && let Some(ck) = latest_checkpoint(out) {
-        let (p, buffers) = load_state(&ck, &mut opt)?;
-        let book = buffers
-            .get("codebook")
-            .with_context(|| format!("{} holds no codebook", ck.display()))?;
-        tok.codebook.set(book)?;
-        window = counts_from(&buffers, "usage_window")?;
-        epoch_counts = counts_from(&buffers, "usage_epoch")?;
-        initted = true;
-        progress = p;
-        tracing::info!("resumed from {} at step {}", ck.display(), progress.step);
-    }
-    let mut log = start_run_log(out, recipe, resume.then_some(&progress))?;
-    let start = std::time::Instant::now();
-    while progress.epoch < recipe.schedule.epochs {
-        let epoch = progress.epoch;
-        let pb = epoch_bar(per_epoch, &progress, recipe.schedule.epochs);
-        for b in loader.iter_epoch(epoch as u64, progress.batch) {
-            report_failures(&b);
-            progress.batch += 1;
-            pb.inc(1);
-            if b.is_empty() {
-                continue;
-            }
-            let mut rng = step_rng(recipe.run.seed, progress.step);
-            let x = Vqkd::preprocess(&b.images_tensor(&Device::Cpu)?)?;
-            let target = teacher.targets(&x)?.detach();
-            let code = tok.model.encode(&x)?;
-            if !initted {
-                // k-means on the first batch's normalised codes (spec E.5).
-                let z = l2_normalize(&code.detach())?.flatten_to(1)?;
-                let m = z.dim(0)?;
-                let init: Vec<usize> = if m >= n_codes {
-                    sample(&mut rng, m, n_codes).into_vec()
-                } else {
-                    (0..n_codes).map(|_| rng.random_range(0..m)).collect()
-                };
-                let (means, _) = kmeans(&z, &init, recipe.quantizer.kmeans_iters)?;
-                tok.codebook.set(&means)?;
-                initted = true;
-            }
-            let q = tok.model.quantize(&code)?;
-            let rec = tok.model.decode(&q.z_q)?;
-            let rec_loss = cosine_rec_loss(&rec, &target)?;
-            let loss = (&rec_loss + &q.commit_loss)?;
-            let lv = loss.to_scalar::<f32>()? as f64;
-            ensure_finite(lv, progress.step, &ckpt_dir)?;
-            let mut grads = loss.backward()?;
-            let lr = cosine_lr(
-                recipe.optim.lr,
-                recipe.optim.min_lr,
-                warmup,
-                total,
-                progress.step as usize,
-            );
-            let grad_norm = clip_grad_norm(&mut grads, &opt.params, recipe.optim.clip_grad)?;
-            opt.step(&grads, lr)?;
-            // Codebook EMA on this batch's assignments.
-            let z = q.z.detach().flatten_to(1)?;
-            let ids = q.ids.flatten_all()?.to_vec1::<u32>()?;
-            let (book, bins) =
-                ema_update(tok.codebook.as_tensor(), &z, &ids, recipe.quantizer.decay)?;
-            tok.codebook.set(&book)?;
-            for (i, c) in bins.iter().enumerate() {
-                window[i] += c;
-                epoch_counts[i] += c;
-            }
-            progress.step += 1;
-            let mut restarted = 0;
-            let every = recipe.quantizer.restart_every as u64;
-            if every > 0 && progress.step % every == 0 {
-                let dead: Vec<usize> = (0..n_codes).filter(|&i| window[i] == 0).collect();
-                if !dead.is_empty() {
-                    let m = z.dim(0)?;
-                    let picks: Vec<u32> =
-                        dead.iter().map(|_| rng.random_range(0..m) as u32).collect();
-                    let fresh = z.index_select(&Tensor::new(picks.as_slice(), &Device::Cpu)?, 0)?;
-                    let mut rows: Vec<Tensor> = (0..n_codes)
-                        .map(|i| tok.codebook.as_tensor().i(i))
-                        .collect::<candle_core::Result<_>>()?;
-                    for (j, &i) in dead.iter().enumerate() {
-                        rows[i] = fresh.i(j)?;
-                    }
-                    tok.codebook.set(&Tensor::stack(&rows, 0)?)?;
-                    restarted = dead.len();
-                }
-                window = vec![0; n_codes];
-            }
-            let usage = CodeUsage {
-                counts: code_counts(&ids, n_codes),
-            };
-            log.push(serde_json::json!({
-                "kind": "train", "step": progress.step, "epoch": epoch, "loss": lv,
-                "rec_loss": rec_loss.to_scalar::<f32>()?, "commit_loss": q.commit_loss.to_scalar::<f32>()?,
-                "lr": lr, "grad_norm": grad_norm, "used_codes": n_codes - usage.unused(),
-                "perplexity": usage.perplexity(), "restarted": restarted,
-                "elapsed_s": start.elapsed().as_secs_f64(),
-            }))?;
-            pb.set_message(format!("epoch {} loss {lv:.4}", epoch + 1));
-            let buffers = state_buffers(&tok, &window, &epoch_counts)?;
-            if recipe.run.ckpt_every > 0 && progress.step % recipe.run.ckpt_every as u64 == 0 {
-                checkpoint(&ckpt_dir, &opt, &progress, &buffers, recipe.run.keep_last)?;
-            }
-        }
-        pb.finish_and_clear();
-        progress.epoch += 1;
-        progress.batch = 0;
-        let usage = CodeUsage {
-            counts: std::mem::replace(&mut epoch_counts, vec![0; n_codes]),
-        };
-        eprintln!(
-            "epoch {}: {} of {n_codes} codes used, perplexity {:.1}",
-            epoch + 1,
-            n_codes - usage.unused(),
-            usage.perplexity()
-        );
-        log.push(serde_json::json!({
-            "kind": "epoch", "step": progress.step, "epoch": epoch + 1,
-            "used_codes": n_codes - usage.unused(), "unused_codes": usage.unused(),
-            "perplexity": usage.perplexity(),
-        }))?;
-        let buffers = state_buffers(&tok, &window, &epoch_counts)?;
-        checkpoint(&ckpt_dir, &opt, &progress, &buffers, recipe.run.keep_last)?;
-        tok.export(&out.join("tokenizer-last.safetensors"))?;
-    }
-    let s = |name: &str, key: &str| Series {
-        name: name.to_string(),
-        points: log.series("train", key),
+    let schedule = ScheduleSection {
+        epochs: recipe.schedule.epochs,
+        warmup_epochs: recipe.schedule.warmup_epochs,
+        accum_steps: 1,
     };
-    save_panels(
-        &[
-            Chart {
-                title: "tokenizer losses".into(),
-                x_label: "step".into(),
-                y_label: "loss".into(),
-                series: vec![
-                    s("total", "loss"),
-                    s("reconstruction", "rec_loss"),
-                    s("commitment", "commit_loss"),
-                ],
-                log_y: false,
-            },
-            Chart {
-                title: "codebook usage per step".into(),
-                x_label: "step".into(),
-                y_label: "codes".into(),
-                series: vec![s("used codes", "used_codes"), s("perplexity", "perplexity")],
-                log_y: false,
-            },
-        ],
-        &out.join("curves.png"),
-    )?;
-    Ok(out.join("tokenizer-last.safetensors"))
+    let loop_cfg = LoopConfig {
+        schedule: &schedule,
+        optim: &recipe.optim,
+        run: &recipe.run,
+    };
+    super::engine::run(&mut obj, &loader, &loop_cfg, recipe, resume)?;
+    Ok(recipe.run.output.join("tokenizer-last.safetensors"))
 }

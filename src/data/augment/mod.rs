@@ -16,6 +16,7 @@ mod mixup;
 mod pillow;
 mod rand_augment;
 mod transform;
+mod two_view;
 
 pub use crop::{CropBox, RandomResizedCrop, hflip};
 pub use erasing::RandomErasing;
@@ -23,3 +24,4 @@ pub use mixup::{Mixup, smooth_one_hot};
 pub use pillow::Resample;
 pub use rand_augment::{Op, RAND_INCREASING_OPS, RAND_OPS, RandAugment};
 pub use transform::{TrainTransform, timm_img_mean};
+pub use two_view::{ColorJitter, TwoViewTransform};

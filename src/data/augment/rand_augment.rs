@@ -388,18 +388,18 @@ fn solarize(img: &RgbImage, threshold: i32) -> RgbImage {
 }
 
 /// `ImageEnhance.Color(img).enhance(factor)`.
-fn color(img: &RgbImage, factor: f64) -> RgbImage {
+pub(super) fn color(img: &RgbImage, factor: f64) -> RgbImage {
     pillow::blend(&pillow::grayscale(img), img, factor)
 }
 
 /// `ImageEnhance.Contrast(img).enhance(factor)`: towards the mean grey.
-fn contrast(img: &RgbImage, factor: f64) -> RgbImage {
+pub(super) fn contrast(img: &RgbImage, factor: f64) -> RgbImage {
     let grey = pillow::mean_grey(img);
     pillow::blend(&pillow::solid(img, [grey; 3]), img, factor)
 }
 
 /// `ImageEnhance.Brightness(img).enhance(factor)`: towards black.
-fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
+pub(super) fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
     pillow::blend(&pillow::solid(img, [0; 3]), img, factor)
 }
 

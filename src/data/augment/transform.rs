@@ -99,7 +99,7 @@ pub fn timm_img_mean(mean: [f32; 3]) -> [u8; 3] {
 /// torchvision `ToTensor()` + `Normalize(mean, std)`: CHW values
 /// `(v / 255 - mean) / std` in `f32`, the same expression as the eval
 /// transform.
-fn normalise(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+pub(super) fn normalise(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     let mut out = Vec::with_capacity(img.data.len());
     for c in 0..3 {
         out.extend(
