@@ -429,6 +429,33 @@ pub fn load_weights(
     Ok((cfg, weights))
 }
 
+/// A pretraining checkpoint (ours, unilm's `beitv2_*_pt1k*.pth`,
+/// mmpretrain's `backbone.`/`neck.`/`head.` layout) as the backbone
+/// fine-tuning starts from, as upstream prepares it: the shared table cloned
+/// into every block, the neck, MIM head, mask token and final norm dropped,
+/// and a fresh `fc_norm` (identity) for mean pooling; no classifier head.
+pub fn finetune_backbone(
+    path: &Path,
+    opts: &LoadOptions,
+) -> Result<(BeitConfig, HashMap<String, Tensor>)> {
+    let mut sd = read_state_dict(path)?;
+    let mut cfg = resolve_config(&sd, opts)?;
+    cfg.rel_pos_bias = RelPosBias::PerBlock;
+    cfg.global_pool = GlobalPool::Avg;
+    cfg.num_classes = 0;
+    cfg.drop_path_rate = 0.0;
+    sd.tensors.retain(|k, _| !k.starts_with("head."));
+    let c = cfg.embed_dim;
+    sd.tensors
+        .entry("fc_norm.weight".into())
+        .or_insert(Tensor::ones(c, DType::F32, &Device::Cpu)?);
+    sd.tensors
+        .entry("fc_norm.bias".into())
+        .or_insert(Tensor::zeros(c, DType::F32, &Device::Cpu)?);
+    let weights = adapt_to_config(&sd, &cfg, opts.interp)?;
+    Ok((cfg, weights))
+}
+
 /// Builds the model from weights under timm's names (already fitted by
 /// [`adapt_to_config`]).
 pub fn build_model(cfg: &BeitConfig, weights: HashMap<String, Tensor>) -> Result<Beit> {

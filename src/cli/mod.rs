@@ -50,6 +50,8 @@ pub enum Command {
     Finetune(train::RecipeArgs),
     /// Train a linear head on frozen BEiT features.
     Linprobe(train::LinprobeArgs),
+    /// BEiT v2 masked image modeling on a frozen tokenizer's codes.
+    Pretrain(train::RecipeArgs),
     /// Top-1 / top-5 / loss of a classifier on a labelled dataset (JSON summary).
     Eval(train::EvalArgs),
 }
@@ -112,13 +114,9 @@ impl ModelArgs {
         Ok(model)
     }
 
-    /// Resolves the weights file, picks the config and fits the weights to it.
-    pub fn load_weights(
-        &self,
-    ) -> Result<(
-        BeitConfig,
-        std::collections::HashMap<String, candle_core::Tensor>,
-    )> {
+    /// The weights file (downloaded from the hub when named by id) and the
+    /// load options these arguments give.
+    pub fn resolve(&self) -> Result<(PathBuf, LoadOptions)> {
         let (path, hub_arch) = match (&self.weights, &self.model) {
             (Some(p), _) => (p.clone(), None),
             (None, Some(id)) => (
@@ -142,6 +140,17 @@ impl ModelArgs {
             img_size: self.img_size,
             interp: self.rel_pos_interp,
         };
+        Ok((path, opts))
+    }
+
+    /// Resolves the weights file, picks the config and fits the weights to it.
+    pub fn load_weights(
+        &self,
+    ) -> Result<(
+        BeitConfig,
+        std::collections::HashMap<String, candle_core::Tensor>,
+    )> {
+        let (path, opts) = self.resolve()?;
         let t = std::time::Instant::now();
         let (cfg, weights) = checkpoint::load_weights(&path, &opts)?;
         tracing::info!(
@@ -201,6 +210,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => train::finetune(a),
         Command::Linprobe(a) => train::linprobe(a),
         Command::Eval(a) => train::eval(a),
+        Command::Pretrain(a) => train::pretrain(a),
     }
 }
 

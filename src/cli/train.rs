@@ -257,3 +257,16 @@ pub fn train_tokenizer(args: RecipeArgs) -> Result<()> {
     );
     Ok(())
 }
+
+pub fn pretrain(args: RecipeArgs) -> Result<()> {
+    use crate::train::pretrain::{PretrainRecipe, pretrain};
+    let recipe = PretrainRecipe::load(args.recipe.as_deref(), &args.overrides)?;
+    let t0 = std::time::Instant::now();
+    let path = pretrain(&recipe, !args.no_resume)?;
+    eprintln!(
+        "finished in {:.1} min; pretrained model: {}",
+        t0.elapsed().as_secs_f64() / 60.0,
+        path.display()
+    );
+    Ok(())
+}

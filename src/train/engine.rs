@@ -159,6 +159,17 @@ pub(crate) fn train_loader(
     workers: usize,
     seed: u64,
 ) -> Result<(Loader<TrainTransform>, usize)> {
+    train_loader_with(data, transform, batch_size, workers, seed)
+}
+
+/// [`train_loader`] for any per-sample transform.
+pub(crate) fn train_loader_with<T: SampleTransform + 'static>(
+    data: Arc<Dataset>,
+    transform: T,
+    batch_size: usize,
+    workers: usize,
+    seed: u64,
+) -> Result<(Loader<T>, usize)> {
     let loader = Loader::new(
         data,
         Arc::new(transform),

@@ -4,6 +4,7 @@ pub mod engine;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+pub mod pretrain;
 pub mod recipe;
 pub mod tasks;
 pub mod tokenizer;

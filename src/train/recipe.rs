@@ -91,8 +91,8 @@ fn levenshtein(a: &str, b: &str) -> usize {
 const OPTIONAL_KEYS: &[&str] = &["model.config", "model.weights", "model.num_classes"];
 
 /// Every valid `section.key` of a recipe.
-fn valid_keys(reference: &toml::Table) -> Vec<String> {
-    let mut keys: Vec<String> = OPTIONAL_KEYS.iter().map(|k| k.to_string()).collect();
+fn valid_keys(reference: &toml::Table, optional: &[&str]) -> Vec<String> {
+    let mut keys: Vec<String> = optional.iter().map(|k| k.to_string()).collect();
     for (section, v) in reference {
         keys.push(section.clone());
         if let Some(t) = v.as_table() {
@@ -104,8 +104,13 @@ fn valid_keys(reference: &toml::Table) -> Vec<String> {
 
 /// Checks every key of `table` against the default recipe, naming the nearest
 /// valid key for a mistake.
-fn check_keys(table: &toml::Table, reference: &toml::Table, origin: &str) -> Result<()> {
-    let valid = valid_keys(reference);
+fn check_keys(
+    table: &toml::Table,
+    reference: &toml::Table,
+    optional: &[&str],
+    origin: &str,
+) -> Result<()> {
+    let valid = valid_keys(reference, optional);
     let check = |key: String| -> Result<()> {
         if valid.contains(&key) {
             return Ok(());
@@ -157,6 +162,43 @@ pub fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<
     Ok(())
 }
 
+/// Reads a recipe file (or `reference`, the shipped default, when `path` is
+/// None), checks its keys and the overrides' against `reference` (naming the
+/// nearest valid key) and applies the overrides. Returns the table and a name
+/// of its origin for messages.
+pub fn load_checked(
+    path: Option<&Path>,
+    overrides: &[String],
+    reference: &str,
+    optional: &[&str],
+) -> Result<(toml::Table, String)> {
+    let reference: toml::Table =
+        toml::from_str(reference).context("the built-in recipe does not parse")?;
+    let (mut table, origin) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read recipe {}", p.display()))?;
+            let t: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            (t, p.display().to_string())
+        }
+        None => (reference.clone(), "built-in recipe".to_string()),
+    };
+    check_keys(&table, &reference, optional, &origin)?;
+    for o in overrides {
+        let (key, _) = o.split_once('=').unwrap_or((o, ""));
+        if let Some((section, field)) = key.split_once('.') {
+            let mut inner = toml::Table::new();
+            inner.insert(field.to_string(), toml::Value::Boolean(true));
+            let mut probe = toml::Table::new();
+            probe.insert(section.to_string(), toml::Value::Table(inner));
+            check_keys(&probe, &reference, optional, "--set")?;
+        }
+    }
+    apply_overrides(&mut table, overrides)?;
+    Ok((table, origin))
+}
+
 impl Recipe {
     /// The shipped BEiT v2 base fine-tuning recipe (mmpretrain
     /// `beit-base-p16_8xb128-coslr-100e_in1k`).
@@ -166,30 +208,8 @@ impl Recipe {
     /// Loads a recipe file (or the shipped default when `path` is None) and
     /// applies `section.key=value` overrides.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let reference: toml::Table = toml::from_str(Self::BEIT_BASE_FINETUNE)
-            .context("the built-in recipe does not parse")?;
-        let (mut table, origin) = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read recipe {}", p.display()))?;
-                let t: toml::Table =
-                    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-                (t, p.display().to_string())
-            }
-            None => (reference.clone(), "built-in recipe".to_string()),
-        };
-        check_keys(&table, &reference, &origin)?;
-        for o in overrides {
-            let (key, _) = o.split_once('=').unwrap_or((o, ""));
-            if let Some((section, field)) = key.split_once('.') {
-                let mut inner = toml::Table::new();
-                inner.insert(field.to_string(), toml::Value::Boolean(true));
-                let mut probe = toml::Table::new();
-                probe.insert(section.to_string(), toml::Value::Table(inner));
-                check_keys(&probe, &reference, "--set")?;
-            }
-        }
-        apply_overrides(&mut table, overrides)?;
+        let (table, origin) =
+            load_checked(path, overrides, Self::BEIT_BASE_FINETUNE, OPTIONAL_KEYS)?;
         let mut recipe: Recipe = toml::Value::Table(table)
             .try_into()
             .with_context(|| format!("invalid recipe {origin}"))?;

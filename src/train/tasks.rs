@@ -15,13 +15,23 @@ use std::path::Path;
 
 /// Truncated normal (cut at ±2σ), as timm's `trunc_normal_(std=0.02)` is used.
 fn trunc_normal(shape: &[usize], std: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    trunc_normal_within(shape, std, 2.0, rng)
+}
+
+/// Normal(0, std²) truncated to ±`cut`·std (redrawn outside).
+pub fn trunc_normal_within(
+    shape: &[usize],
+    std: f64,
+    cut: f64,
+    rng: &mut ChaCha8Rng,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let dist = Normal::new(0.0, std)?;
     let data: Vec<f32> = (0..n)
         .map(|_| {
             loop {
                 let v: f64 = dist.sample(rng);
-                if v.abs() <= 2.0 * std {
+                if v.abs() <= cut * std {
                     break v as f32;
                 }
             }
