@@ -111,7 +111,14 @@ impl MaskingGenerator {
     /// A mask over the grid, row-major, with exactly `num_masking_patches`
     /// cells set.
     pub fn generate(&self, rng: &mut (impl Rng + ?Sized)) -> Vec<bool> {
+        self.generate_with_blocks(rng).0
+    }
+
+    /// [`Self::generate`], also returning how many patches each block added
+    /// before the fix-up (for statistics).
+    pub fn generate_with_blocks(&self, rng: &mut (impl Rng + ?Sized)) -> (Vec<bool>, Vec<usize>) {
         let n = self.height * self.width;
+        let mut blocks = Vec::new();
         let target = self.num_masking_patches;
         let mut mask = vec![false; n];
         let mut count = 0;
@@ -121,6 +128,7 @@ impl MaskingGenerator {
             if delta == 0 {
                 break;
             }
+            blocks.push(delta);
             count += delta;
         }
         // Exact-count fix-up: unmask or mask randomly chosen cells.
@@ -136,7 +144,7 @@ impl MaskingGenerator {
             }
         }
         debug_assert_eq!(mask.iter().filter(|&&m| m).count(), target);
-        mask
+        (mask, blocks)
     }
 }
 

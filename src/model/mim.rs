@@ -5,10 +5,10 @@
 //! early-layer patch tokens, and one final norm and MIM head shared by both
 //! branches.
 
+use super::Beit;
 use super::attention::Block;
 use super::config::{BeitConfig, GlobalPool, RelPosBias};
 use super::layers::Linear;
-use super::Beit;
 use anyhow::{Context, bail};
 use candle_core::{IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -96,7 +96,10 @@ impl MimConfig {
     /// Drop-path rate of neck block `k`: unilm's
     /// `linspace(0, rate, max(depth, early + head))[early + k]`.
     pub fn neck_drop_path_rate(&self, k: usize) -> f64 {
-        let n = self.backbone.depth.max(self.early_layers + self.head_layers);
+        let n = self
+            .backbone
+            .depth
+            .max(self.early_layers + self.head_layers);
         if n <= 1 {
             return 0.0;
         }
@@ -185,7 +188,10 @@ impl BeitForMim {
         let head = |tokens: &Tensor| -> Result<Tensor> {
             let (b, n, c) = tokens.dims3()?;
             // The norm is per token: normalising only the masked rows is the same.
-            let rows = tokens.i((.., 1..))?.contiguous()?.reshape((b * (n - 1), c))?;
+            let rows = tokens
+                .i((.., 1..))?
+                .contiguous()?
+                .reshape((b * (n - 1), c))?;
             self.lm_head
                 .forward(&norm.forward(&rows.index_select(masked, 0)?)?)
         };

@@ -715,7 +715,11 @@ impl Objective for Supervised<'_> {
         if b.labels.is_empty() {
             return Ok(None);
         }
-        let (k, (h, w), n) = (self.task.num_classes(), self.task.input_hw(), b.labels.len());
+        let (k, (h, w), n) = (
+            self.task.num_classes(),
+            self.task.input_hw(),
+            b.labels.len(),
+        );
         let mut x = b.images.clone();
         let targets = match &self.mixup {
             Some(m) if n % 2 == 0 => {

@@ -100,7 +100,7 @@ pub fn group_info_with(
     let id = layer_id(name, depth);
     GroupInfo {
         layer_id: id,
-        lr_scale: cfg.layer_decay.powi((depth + 1 - id) as i32),
+        lr_scale: cfg.layer_decay.powi((depth + 1).saturating_sub(id) as i32),
         weight_decay: if rule.decays(name, rank) {
             cfg.weight_decay
         } else {

@@ -10,10 +10,10 @@ use super::optim::{DecayRule, OptimConfig};
 use super::recipe::{RunSection, ScheduleSection, load_checked};
 use super::tasks::trunc_normal_within;
 use crate::checkpoint::{self, CONFIG_METADATA_KEY};
+use crate::data::RgbImage;
 use crate::data::augment::{ColorJitter, TwoViewTransform};
 use crate::data::loader::{Batch, SampleTransform};
 use crate::data::masking::MaskingGenerator;
-use crate::data::RgbImage;
 use crate::model::mim::{BeitForMim, MIM_CONFIG_METADATA_KEY, MimConfig};
 use crate::model::vqkd::{CodeUsage, Vqkd, VqkdConfig, code_counts};
 use crate::model::{BeitConfig, record_weights};
@@ -146,7 +146,13 @@ impl PretrainRecipe {
         };
         b.drop_path_rate = m.drop_path_rate;
         b.layer_scale = m.layer_scale_init > 0.0;
-        MimConfig::for_backbone(b, m.early_layers, m.head_layers, vocab_size, m.layer_scale_init)
+        MimConfig::for_backbone(
+            b,
+            m.early_layers,
+            m.head_layers,
+            vocab_size,
+            m.layer_scale_init,
+        )
     }
 
     /// The masking generator for the student's grid; a count the grid cannot
@@ -317,7 +323,10 @@ impl Student {
         let mut cfg = self.model.cfg.clone();
         cfg.backbone.drop_path_rate = 0.0;
         let mut meta = HashMap::new();
-        meta.insert(MIM_CONFIG_METADATA_KEY.to_string(), serde_json::to_string(&cfg)?);
+        meta.insert(
+            MIM_CONFIG_METADATA_KEY.to_string(),
+            serde_json::to_string(&cfg)?,
+        );
         meta.insert(
             CONFIG_METADATA_KEY.to_string(),
             serde_json::to_string(&cfg.backbone)?,
@@ -466,7 +475,8 @@ impl Objective for MimObjective<'_> {
         self.student.vars.clone()
     }
     fn param_groups(&self) -> (usize, DecayRule) {
-        (0, DecayRule::Pretrain)
+        // No layer decay in pretraining (layer_decay = 1 in the recipes).
+        (self.student.model.cfg.backbone.depth, DecayRule::Pretrain)
     }
     fn loss(&mut self, b: &Batch, rng: &mut ChaCha8Rng) -> Result<Option<(Tensor, Metrics)>> {
         if b.is_empty() {
@@ -489,7 +499,11 @@ impl Objective for MimObjective<'_> {
         Ok(Some((l.loss, m.as_object().cloned().unwrap_or_default())))
     }
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let v: Vec<u32> = self.counts.iter().map(|&c| c.min(u32::MAX as u64) as u32).collect();
+        let v: Vec<u32> = self
+            .counts
+            .iter()
+            .map(|&c| c.min(u32::MAX as u64) as u32)
+            .collect();
         let n = v.len();
         Ok(vec![(
             "target_counts".into(),

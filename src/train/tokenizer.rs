@@ -4,13 +4,14 @@
 //! by EMA, initialised by k-means on the first batch. An optional dead-code
 //! restart re-seeds codes unused for a while from recent encoder outputs.
 
-use super::engine::{ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, open_dataset, step_rng};
+use super::engine::{
+    ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, open_dataset, step_rng,
+};
 use super::optim::{DecayRule, OptimConfig};
 use super::recipe::{RunSection, ScheduleSection};
-use crate::data::loader::Batch;
-use rand_chacha::ChaCha8Rng;
 use crate::checkpoint::{self, VQKD_CONFIG_METADATA_KEY};
 use crate::data::augment::TrainTransform;
+use crate::data::loader::Batch;
 use crate::model::Beit;
 use crate::model::clip::{ClipVision, ClipVisionConfig};
 use crate::model::vqkd::{
@@ -21,6 +22,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::Rng;
 use rand::seq::index::sample;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -390,7 +392,10 @@ impl Objective for TokenizerObjective<'_> {
             "perplexity": usage.perplexity(),
         });
         self.pending = Some((q.z.detach().flatten_to(1)?, ids));
-        Ok(Some((loss, metrics.as_object().cloned().unwrap_or_default())))
+        Ok(Some((
+            loss,
+            metrics.as_object().cloned().unwrap_or_default(),
+        )))
     }
     fn after_step(&mut self, step: u64, rng: &mut ChaCha8Rng) -> Result<Metrics> {
         let n_codes = self.n_codes();
@@ -398,7 +403,12 @@ impl Objective for TokenizerObjective<'_> {
             return Ok(Metrics::new());
         };
         // Codebook EMA on this batch's assignments.
-        let (book, bins) = ema_update(self.tok.codebook.as_tensor(), &z, &ids, self.quantizer.decay)?;
+        let (book, bins) = ema_update(
+            self.tok.codebook.as_tensor(),
+            &z,
+            &ids,
+            self.quantizer.decay,
+        )?;
         self.tok.codebook.set(&book)?;
         for (i, c) in bins.iter().enumerate() {
             self.window[i] += c;
@@ -429,14 +439,22 @@ impl Objective for TokenizerObjective<'_> {
     }
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![
-            ("codebook".to_string(), self.tok.codebook.as_tensor().detach()),
+            (
+                "codebook".to_string(),
+                self.tok.codebook.as_tensor().detach(),
+            ),
             ("usage_window".to_string(), counts_tensor(&self.window)?),
-            ("usage_epoch".to_string(), counts_tensor(&self.epoch_counts)?),
+            (
+                "usage_epoch".to_string(),
+                counts_tensor(&self.epoch_counts)?,
+            ),
         ])
     }
     fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let n = self.n_codes();
-        let book = state.get("codebook").context("no codebook in the checkpoint")?;
+        let book = state
+            .get("codebook")
+            .context("no codebook in the checkpoint")?;
         self.tok.codebook.set(book)?;
         self.window = counts_from(state, "usage_window", n)?;
         self.epoch_counts = counts_from(state, "usage_epoch", n)?;
