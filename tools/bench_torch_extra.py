@@ -56,6 +56,19 @@ torch.set_num_threads(--threads) (default os.cpu_count(); 1 for `preprocess`).
       Keys: system, what="train_step", arch, batch_size, median_s, mean_s, images_per_s,
       peak_rss_mb, threads, warmup, iters, final_loss.
 
+  pretrain-step --batch-size 8 --warmup 2 --iters 5 [--threads N]
+      One BEiT v2 MIM pretraining step, the counterpart of `beitv2 bench --pretrain-step`:
+      the unilm VisionTransformerForMaskedImageModelingCLS port of
+      tools/make_pretrain_fixtures.py (base: 12 blocks, early layer 9, 2 neck blocks, 8192
+      codes, layer scale 0.1; timm's fused attention on), a random-weight VQ-KD encoder of
+      vqkd_encoder_base_decoder_3x768x12_clip's shapes (timm Beit with absolute position
+      embedding, no layer scale, fc_norm per token, Linear-Tanh-Linear to 32-d, nearest of a
+      unit-norm 8192x32 codebook) under torch.no_grad for the targets, block-wise masks (75 of
+      196), CE on both branches, backward, clip_grad_norm_(3.0), AdamW (lr 1.5e-3, betas
+      (0.9, 0.98), weight decay 0.05 with unilm's groups). Keys: system, what="pretrain_step",
+      batch_size, median_s, images_per_s, tokenizer_s, forward_s, backward_s, optimizer_s,
+      peak_rss_mb, threads.
+
 Examples:
   python tools/bench_torch_extra.py make-weights --arch beitv2_base_patch16_224 \\
       --out runs/bench/beitv2_base_patch16_224.safetensors
@@ -278,6 +291,71 @@ def cmd_train_step(args):
               final_loss=loss.item()))
 
 
+def cmd_pretrain_step(args):
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import timm
+    from timm.models.beit import Beit
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_pretrain_fixtures import MaskingGenerator, MimCls, param_groups
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    torch.manual_seed(0)
+    backbone = dict(img_size=[224, 224], patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                    num_heads=12, mlp_ratio=4.0, norm_eps=1e-6)
+    model = MimCls(backbone, dict(early_layers=9, head_layers=2, vocab_size=8192,
+                                  layer_scale_init=0.1), fused_attn=True).train()
+    encoder = Beit(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                   use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=None,
+                   global_pool='avg', num_classes=0).eval()
+    task = nn.Sequential(nn.Linear(768, 768), nn.Tanh(), nn.Linear(768, 32)).eval()
+    codebook = F.normalize(torch.randn(8192, 32), dim=-1)
+    groups = param_groups(model)
+    named = dict(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [dict(params=[p for k, p in named.items() if groups[k] > 0], weight_decay=0.05),
+         dict(params=[p for k, p in named.items() if groups[k] == 0], weight_decay=0.0)],
+        lr=1.5e-3, betas=(0.9, 0.98), eps=1e-8)
+    b = args.batch_size
+    x = torch.randn(b, 3, 224, 224)
+    x2 = torch.rand(b, 3, 224, 224)
+    gen = MaskingGenerator((14, 14), 75, min_num_patches=16)
+    mask = torch.from_numpy(np.stack([gen().flatten() for _ in range(b)])).bool()
+
+    def tokens():
+        with torch.no_grad():
+            t = encoder.forward_features(x2 * 255 / 127.5 - 1)[:, 1:]
+            z = F.normalize(task(encoder.fc_norm(t)), dim=-1)
+            d = z.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
+            return d.argmin(-1)
+
+    def step():
+        t0 = time.perf_counter()
+        labels = tokens()[mask]
+        t1 = time.perf_counter()
+        l1, l2 = model(x, mask)
+        loss = F.cross_entropy(l1, labels) + F.cross_entropy(l2, labels)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        t4 = time.perf_counter()
+        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0]
+
+    for _ in range(args.warmup):
+        step()
+    phases = [step() for _ in range(args.iters)]
+    med = [statistics.median(p[i] for p in phases) for i in range(5)]
+    emit(dict(system=torch_system(torch, timm), what='pretrain_step', batch_size=b,
+              median_s=med[4], images_per_s=b / med[4], tokenizer_s=med[0], forward_s=med[1],
+              backward_s=med[2], optimizer_s=med[3], peak_rss_mb=peak_rss_mb(),
+              threads=torch.get_num_threads()))
+
+
 # ---------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +394,13 @@ def main():
     p.add_argument('--iters', type=int, default=5)
     p.add_argument('--threads', type=int, default=None, help='default os.cpu_count()')
     p.set_defaults(fn=cmd_train_step)
+
+    p = sub.add_parser('pretrain-step', help='BEiT v2 MIM step: tokenizer + student + AdamW')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--iters', type=int, default=5)
+    p.add_argument('--threads', type=int, default=None, help='default os.cpu_count()')
+    p.set_defaults(fn=cmd_pretrain_step)
 
     args = ap.parse_args()
     args.fn(args)

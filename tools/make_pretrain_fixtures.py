@@ -79,7 +79,7 @@ RECIPE = OrderedDict(
 class MimCls(nn.Module):
     """unilm ``VisionTransformerForMaskedImageModelingCLS`` (shared_lm_head=True) on timm blocks."""
 
-    def __init__(self, b, m):
+    def __init__(self, b, m, fused_attn=False):
         super().__init__()
         c, depth, heads = b['embed_dim'], b['depth'], b['num_heads']
         norm = partial(nn.LayerNorm, eps=b['norm_eps'])
@@ -99,7 +99,7 @@ class MimCls(nn.Module):
         self.cls_pt_layers = nn.ModuleList([blk(0.0) for _ in range(m['head_layers'])])
         for mod in self.modules():
             if hasattr(mod, 'fused_attn'):
-                mod.fused_attn = False
+                mod.fused_attn = fused_attn
 
     def forward(self, x, bool_masked_pos):
         x = self.patch_embed(x)

@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Measure forward + loss + backward + AdamW step instead of inference.
     #[arg(long, conflicts_with = "preprocess")]
     pub train_step: bool,
+    /// Measure one MIM pretraining step: tokenizer forward (targets) +
+    /// student forward and backward + clipping + AdamW.
+    #[arg(long, conflicts_with_all = ["preprocess", "train_step"])]
+    pub pretrain_step: bool,
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -94,6 +98,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.train_step {
         return bench_train_step(&args);
+    }
+    if args.pretrain_step {
+        return bench_pretrain_step(&args);
     }
     let cfg = BeitConfig::preset(&args.arch)?;
     let weights = random_weights(&cfg)?;
@@ -347,6 +354,106 @@ fn bench_train_step(args: &BenchArgs) -> Result<()> {
         println!(
             "train step {} batch {b}: {total:.3} s ({:.2} images/s): forward {fwd:.3} s, \
              backward {bwd:.3} s, AdamW {step:.3} s; peak RSS {rss:.0} MiB",
+            args.arch,
+            b as f64 / total
+        );
+    }
+    Ok(())
+}
+
+/// One BEiT v2 pretraining step (spec F): a random-weight VQ-KD encoder of
+/// unilm's `vqkd_encoder_base_decoder_3x768x12_clip` shapes labels the
+/// tokenizer view; the student (`MimConfig::preset(arch)`) runs on masked
+/// images (75 of 196 patches, block-wise), both CE losses, backward,
+/// clipping at 3.0 and AdamW with unilm's pretraining groups.
+fn bench_pretrain_step(args: &BenchArgs) -> Result<()> {
+    use crate::data::masking::MaskingGenerator;
+    use crate::model::mim::MimConfig;
+    use crate::model::vqkd::{Vqkd, VqkdConfig};
+    use crate::train::optim::{DecayRule, clip_grad_norm};
+    use crate::train::pretrain::{MimBatch, Student, init_mim_weights, mim_loss, targets};
+    let cfg = MimConfig::preset(&args.arch)?;
+    let mut tcfg = VqkdConfig::preset("vqkd_encoder_base_decoder_3x768x12_clip")?;
+    tcfg.decoder_depth = 0;
+    let tok_weights: HashMap<String, Tensor> =
+        crate::model::record_weights(|vb| Vqkd::new(&tcfg, vb).map(|_| ()))?
+            .into_iter()
+            .map(|(name, shape)| Ok((name, Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+    let tokenizer = Vqkd::new(
+        &tcfg,
+        candle_nn::VarBuilder::from_tensors(tok_weights, candle_core::DType::F32, &Device::Cpu),
+    )?;
+    let b = *args.batch_size.first().unwrap_or(&8);
+    let student = Student::new(&cfg, init_mim_weights(&cfg, 0)?)?;
+    let optim = OptimConfig {
+        lr: 1.5e-3,
+        min_lr: 1e-5,
+        weight_decay: 0.05,
+        betas: [0.9, 0.98],
+        eps: 1e-8,
+        layer_decay: 1.0,
+        clip_grad: 3.0,
+    };
+    let mut opt = AdamW::with_rule(
+        student.vars.clone(),
+        cfg.backbone.depth,
+        optim.clone(),
+        DecayRule::Pretrain,
+    )?;
+    let [h, w] = cfg.backbone.img_size;
+    let grid = cfg.backbone.grid();
+    let masks = MaskingGenerator::beitv2(grid)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mask: Vec<f32> = (0..b)
+        .flat_map(|_| masks.generate(&mut rng))
+        .map(|m| if m { 1.0 } else { 0.0 })
+        .collect();
+    let masked = (0..mask.len())
+        .filter(|&i| mask[i] > 0.5)
+        .map(|i| i as u32)
+        .collect();
+    let batch = MimBatch {
+        images: Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu)?,
+        second: Tensor::rand(0f32, 1.0, (b, 3, tcfg.img_size, tcfg.img_size), &Device::Cpu)?,
+        mask: Tensor::from_vec(mask, (b, grid.0 * grid.1), &Device::Cpu)?,
+        masked,
+    };
+    let mut phases = Vec::new();
+    for _ in 0..args.warmup + args.iters.max(1) {
+        let t0 = Instant::now();
+        let ids = targets(&tokenizer, &batch.second)?;
+        let t1 = Instant::now();
+        let l = mim_loss(&student.model, &batch, ids, Some(&mut rng))?;
+        let t2 = Instant::now();
+        let mut grads = l.loss.backward()?;
+        let t3 = Instant::now();
+        clip_grad_norm(&mut grads, &opt.params, optim.clip_grad)?;
+        opt.step(&grads, optim.lr)?;
+        let t4 = Instant::now();
+        phases.push([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0].map(|d| d.as_secs_f64()));
+    }
+    let timed = &phases[args.warmup.min(phases.len() - 1)..];
+    let median = |i: usize| {
+        let mut v: Vec<f64> = timed.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (tok, fwd, bwd, step, total) = (median(0), median(1), median(2), median(3), median(4));
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "system": "beitv2", "what": "pretrain_step", "arch": args.arch, "batch_size": b,
+                "median_s": total, "images_per_s": b as f64 / total, "tokenizer_s": tok,
+                "forward_s": fwd, "backward_s": bwd, "optimizer_s": step, "peak_rss_mb": rss,
+            })
+        );
+    } else {
+        println!(
+            "pretrain step {} batch {b}: {total:.3} s ({:.2} images/s): tokenizer {tok:.3} s, \
+             forward {fwd:.3} s, backward {bwd:.3} s, clip + AdamW {step:.3} s; peak RSS {rss:.0} MiB",
             args.arch,
             b as f64 / total
         );
