@@ -6,24 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::{metrics_without_time, write_class_folders};
+
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(p)
-}
-
-fn write_dataset(root: &Path, n: u32) {
-    for (c, class) in ["a", "b"].iter().enumerate() {
-        let dir = root.join(class);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..n {
-            let img = image::RgbImage::from_fn(40, 36, |x, y| {
-                let v = ((x * 7 + y * 13 + i * 31 + c as u32 * 90) % 255) as u8;
-                image::Rgb([v, 255 - v, (v / 2) + c as u8 * 100])
-            });
-            img.save(dir.join(format!("{i}.png"))).unwrap();
-        }
-    }
 }
 
 /// A 32 px student (patch 8: the 4×4 grid of the tokenizer fixture, 64 codes).
@@ -91,18 +80,6 @@ fn beitv2(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn metrics_without_time(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("elapsed_s");
-            v
-        })
-        .collect()
-}
-
 fn weights(p: &Path) -> Vec<(String, Vec<f32>)> {
     let mut v: Vec<(String, Vec<f32>)> =
         candle_core::safetensors::load(p, &candle_core::Device::Cpu)
@@ -118,7 +95,7 @@ fn weights(p: &Path) -> Vec<(String, Vec<f32>)> {
 fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
     let tmp = std::env::temp_dir().join(format!("beitv2-pretrain-{}", std::process::id()));
     let data = tmp.join("data");
-    write_dataset(&data, 24);
+    write_class_folders(&data, 24, (40, 36));
     let (a, b) = (tmp.join("a"), tmp.join("b"));
     let ra = recipe(&a, &data, &a.join("out"));
     let rb = recipe(&b, &data, &b.join("out"));
@@ -254,7 +231,7 @@ fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
 fn mismatched_tokenizers_and_mask_counts_are_refused_before_any_step() {
     let tmp = std::env::temp_dir().join(format!("beitv2-pretrain-bad-{}", std::process::id()));
     let data = tmp.join("data");
-    write_dataset(&data, 2);
+    write_class_folders(&data, 2, (40, 36));
     let r = recipe(&tmp, &data, &tmp.join("out"));
     let run = |extra: &[&str]| {
         let mut args = vec!["pretrain", "--recipe", r.to_str().unwrap()];

@@ -10,6 +10,9 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{rel_err, scalar_f64 as scalar};
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train")
 }
@@ -20,27 +23,6 @@ fn json(name: &str) -> serde_json::Value {
 
 fn load(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir().join(name), &Device::Cpu).unwrap()
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()[0]
-}
-
-/// max |a − b| / max(|b|, floor) over all elements.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs() as f64 / scale)
-        .fold(0.0, f64::max)
 }
 
 fn optim_config(r: &serde_json::Value) -> OptimConfig {

@@ -5,19 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn write_dataset(root: &Path) {
-    for (c, class) in ["circle", "square"].iter().enumerate() {
-        let dir = root.join(class);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..8u32 {
-            let img = image::RgbImage::from_fn(20, 18, |x, y| {
-                let v = ((x * 7 + y * 13 + i * 31 + c as u32 * 90) % 255) as u8;
-                image::Rgb([v, 255 - v, (v / 2) + c as u8 * 100])
-            });
-            img.save(dir.join(format!("{i}.png"))).unwrap();
-        }
-    }
-}
+mod common;
+use common::{metrics_without_time, write_class_folders};
 
 fn recipe(dir: &Path, data: &Path, out: &Path) -> PathBuf {
     let cfg = dir.join("tiny.json");
@@ -80,23 +69,11 @@ fn finetune(recipe: &Path, abort_after: Option<u64>) -> std::process::Output {
     c.output().unwrap()
 }
 
-fn metrics_without_time(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("elapsed_s");
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn killed_and_resumed_run_equals_uninterrupted_run() {
     let tmp = std::env::temp_dir().join(format!("beitv2-resume-{}", std::process::id()));
     let data = tmp.join("data");
-    write_dataset(&data);
+    write_class_folders(&data, 8, (20, 18));
     let (a_dir, b_dir) = (tmp.join("a"), tmp.join("b"));
     std::fs::create_dir_all(&a_dir).unwrap();
     std::fs::create_dir_all(&b_dir).unwrap();

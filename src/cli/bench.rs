@@ -415,7 +415,12 @@ fn bench_pretrain_step(args: &BenchArgs) -> Result<()> {
         .collect();
     let batch = MimBatch {
         images: Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu)?,
-        second: Tensor::rand(0f32, 1.0, (b, 3, tcfg.img_size, tcfg.img_size), &Device::Cpu)?,
+        second: Tensor::rand(
+            0f32,
+            1.0,
+            (b, 3, tcfg.img_size, tcfg.img_size),
+            &Device::Cpu,
+        )?,
         mask: Tensor::from_vec(mask, (b, grid.0 * grid.1), &Device::Cpu)?,
         masked,
     };

@@ -279,6 +279,85 @@ impl Dataset {
         })
     }
 
+    /// scikit-learn's bundled 8×8 digits (`sklearn/datasets/data/digits.csv.gz`:
+    /// 1,797 rows of 64 pixel values in 0..=16 and the digit), as 8-bit grey
+    /// images (`v · 255 / 16`, rounded). `split`: the first 1,500 rows
+    /// (`Train`) or the remaining 297 (`Test`).
+    pub fn sklearn_digits(path: &Path, split: Split) -> anyhow::Result<Self> {
+        use std::io::Read;
+        let file = std::fs::File::open(path).with_context(|| {
+            format!(
+                "cannot open {} (scikit-learn's digits: `apt-get install python3-sklearn` \
+                 or pass the path of digits.csv.gz)",
+                path.display()
+            )
+        })?;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .with_context(|| format!("cannot read {} as gzipped text", path.display()))?;
+        let (mut samples, mut labels) = (Vec::new(), Vec::new());
+        for (line_no, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let values: Vec<f64> = line
+                .split(',')
+                .map(|v| v.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("{} line {}: not numbers", path.display(), line_no + 1))?;
+            ensure!(
+                values.len() == 65,
+                "{} line {}: {} values, expected 64 pixels and a label",
+                path.display(),
+                line_no + 1,
+                values.len()
+            );
+            let label = values[64];
+            ensure!(
+                (0.0..10.0).contains(&label) && label.fract() == 0.0,
+                "{} line {}: label {label} is not a digit",
+                path.display(),
+                line_no + 1
+            );
+            let pixels = values[..64]
+                .iter()
+                .map(|&v| (v.clamp(0.0, 16.0) * 255.0 / 16.0).round() as u8)
+                .collect();
+            samples.push(Sample::Grey {
+                pixels,
+                width: 8,
+                height: 8,
+            });
+            labels.push(label as usize);
+        }
+        ensure!(!samples.is_empty(), "{} holds no digits", path.display());
+        let cut = 1500.min(samples.len());
+        let range = match split {
+            Split::Train => 0..cut,
+            Split::Test => cut..samples.len(),
+        };
+        Ok(Self {
+            name: format!(
+                "sklearn-digits/{}",
+                if split == Split::Train {
+                    "train"
+                } else {
+                    "test"
+                }
+            ),
+            samples: samples.drain(range.clone()).collect(),
+            labels: Some(labels[range].to_vec()),
+            classes: (0..10).map(|d| d.to_string()).collect(),
+        })
+    }
+
+    /// Where Debian's `python3-sklearn` installs the digits.
+    pub fn default_sklearn_digits_path() -> PathBuf {
+        PathBuf::from("/usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz")
+    }
+
     /// Where Debian's `dataset-fashion-mnist` package installs the gzipped
     /// IDX files (`apt-get install dataset-fashion-mnist`).
     pub fn default_fashion_mnist_dir() -> PathBuf {

@@ -77,7 +77,8 @@ pub struct EvalResult {
     pub skipped: usize,
 }
 
-/// Parses a data spec: `fashion-mnist:train|test[:DIR]`, `ROOT@LIST` (a flat
+/// Parses a data spec: `fashion-mnist:train|test[:DIR]`,
+/// `sklearn-digits:train|test[:CSV_GZ]`, `ROOT@LIST` (a flat
 /// folder plus a `name index` list, mmpretrain's `meta/val.txt` layout) or an
 /// image folder with one subfolder per class.
 pub fn open_dataset(spec: &str) -> Result<Dataset> {
@@ -93,6 +94,18 @@ pub fn open_dataset(spec: &str) -> Result<Dataset> {
             other => bail!("unknown Fashion-MNIST split '{other}' (train or test)"),
         };
         return Dataset::fashion_mnist(&dir, split);
+    }
+    if let Some(rest) = spec.strip_prefix("sklearn-digits:") {
+        let (split, path) = match rest.split_once(':') {
+            Some((s, p)) => (s, PathBuf::from(p)),
+            None => (rest, Dataset::default_sklearn_digits_path()),
+        };
+        let split = match split {
+            "train" => Split::Train,
+            "test" => Split::Test,
+            other => bail!("unknown digits split '{other}' (train or test)"),
+        };
+        return Dataset::sklearn_digits(&path, split);
     }
     if let Some((root, list)) = spec.split_once('@') {
         return Dataset::labelled_list(Path::new(root), Path::new(list), None);
@@ -206,6 +219,26 @@ pub(crate) fn report_failures(b: &Batch) -> usize {
         tracing::warn!("skipped {name}: {e:#}");
     }
     b.failures.len()
+}
+
+/// Prints the samples a run skipped (each once, however many epochs).
+fn summarise_skipped(skipped: &std::collections::BTreeSet<String>) {
+    if skipped.is_empty() {
+        return;
+    }
+    eprintln!(
+        "{} samples could not be read and were skipped:",
+        skipped.len()
+    );
+    for name in skipped.iter().take(50) {
+        eprintln!("  {name}");
+    }
+    if skipped.len() > 50 {
+        eprintln!(
+            "  ... and {} more (see the warnings above)",
+            skipped.len() - 50
+        );
+    }
 }
 
 /// Seeds derived from the run seed, independent of scheduling.
@@ -570,6 +603,7 @@ pub fn run<T: SampleTransform + 'static>(
         .ok()
         .and_then(|v| v.parse().ok());
     let start = std::time::Instant::now();
+    let mut skipped = std::collections::BTreeSet::new();
     while progress.epoch < schedule.epochs {
         let epoch = progress.epoch;
         let pb = epoch_bar(per_epoch, &progress, schedule.epochs);
@@ -586,6 +620,7 @@ pub fn run<T: SampleTransform + 'static>(
             .take(usable.saturating_sub(progress.batch))
         {
             report_failures(&b);
+            skipped.extend(b.failures.iter().map(|(name, _)| name.clone()));
             let mut rng = step_rng(run.seed, progress.step * accum as u64 + micro as u64);
             if let Some((loss, m)) = obj.loss(&b, &mut rng)? {
                 let lv = loss.to_scalar::<f32>()? as f64;
@@ -671,6 +706,7 @@ pub fn run<T: SampleTransform + 'static>(
         obj.export(out, false)?;
     }
     log.plot(&obj.charts(), &out.join("curves.png"))?;
+    summarise_skipped(&skipped);
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use super::engine::{
 };
 use super::optim::{DecayRule, OptimConfig};
 use super::recipe::{RunSection, ScheduleSection, load_checked};
-use super::tasks::trunc_normal_within;
+use super::tasks::{trainable_vars, trunc_normal_within};
 use crate::checkpoint::{self, CONFIG_METADATA_KEY};
 use crate::data::RgbImage;
 use crate::data::augment::{ColorJitter, TwoViewTransform};
@@ -19,7 +19,6 @@ use crate::model::vqkd::{CodeUsage, Vqkd, VqkdConfig, code_counts};
 use crate::model::{BeitConfig, record_weights};
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -296,20 +295,11 @@ pub struct Student {
 
 impl Student {
     pub fn new(cfg: &MimConfig, weights: HashMap<String, Tensor>) -> Result<Self> {
-        let mut vars: Vec<(String, Var)> = weights
-            .into_iter()
-            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
-            .collect::<Result<_>>()?;
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let tensors: HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let model = BeitForMim::new(
-            cfg,
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-        )?;
-        Ok(Self { model, vars })
+        let (vars, vb) = trainable_vars(weights)?;
+        Ok(Self {
+            model: BeitForMim::new(cfg, vb)?,
+            vars,
+        })
     }
 
     /// Writes the student in unilm's key layout with its configs in the
@@ -568,14 +558,19 @@ impl Objective for MimObjective<'_> {
 
 /// Loads the frozen tokenizer of a recipe.
 pub fn load_tokenizer(src: &TokenizerSource) -> Result<Vqkd> {
-    let cfg = src.arch.as_deref().map(VqkdConfig::preset).transpose()?;
-    let mut cfg = cfg;
-    if let Some(c) = cfg.as_mut() {
-        c.decoder_depth = 0;
-    }
-    let tok = checkpoint::load_vqkd(&src.weights, cfg)
-        .with_context(|| format!("loading the tokenizer {}", src.weights.display()))?;
-    Ok(tok)
+    // Only the encoder labels patches: a decoder in the file is ignored.
+    let cfg = src
+        .arch
+        .as_deref()
+        .map(|a| {
+            VqkdConfig::preset(a).map(|c| VqkdConfig {
+                decoder_depth: 0,
+                ..c
+            })
+        })
+        .transpose()?;
+    checkpoint::load_vqkd(&src.weights, cfg)
+        .with_context(|| format!("loading the tokenizer {}", src.weights.display()))
 }
 
 /// Runs MIM pretraining; returns the exported student's path.

@@ -116,21 +116,30 @@ pub struct Finetune {
 
 impl Finetune {
     pub fn new(cfg: &BeitConfig, weights: HashMap<String, Tensor>) -> Result<Self> {
-        let mut vars: Vec<(String, Var)> = weights
-            .into_iter()
-            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
-            .collect::<Result<_>>()?;
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let tensors: HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let model = Beit::new(
-            cfg,
-            VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-        )?;
-        Ok(Self { model, vars })
+        let (vars, vb) = trainable_vars(weights)?;
+        Ok(Self {
+            model: Beit::new(cfg, vb)?,
+            vars,
+        })
     }
+}
+
+/// Weights as trainable variables sorted by name, and a VarBuilder that
+/// hands the model those same variables (so gradients reach them).
+pub fn trainable_vars(
+    weights: HashMap<String, Tensor>,
+) -> Result<(Vec<(String, Var)>, VarBuilder<'static>)> {
+    let mut vars: Vec<(String, Var)> = weights
+        .into_iter()
+        .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
+        .collect::<Result<_>>()?;
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    Ok((vars, vb))
 }
 
 impl Task for Finetune {
