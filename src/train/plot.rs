@@ -126,7 +126,7 @@ fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     }
     // Halve before subtracting so that ±1e300 does not overflow.
     let half = hi / 2.0 - lo / 2.0;
-    if !(half > f64::EPSILON * lo.abs().max(hi.abs())) {
+    if half.is_nan() || half <= f64::EPSILON * lo.abs().max(hi.abs()) {
         let pad = if lo == 0.0 { 1.0 } else { 0.1 * lo.abs() };
         return (lo - pad, hi + pad);
     }

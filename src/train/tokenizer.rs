@@ -416,7 +416,7 @@ impl Objective for TokenizerObjective<'_> {
         }
         let mut restarted = 0;
         let every = self.quantizer.restart_every as u64;
-        if every > 0 && step % every == 0 {
+        if every > 0 && step.is_multiple_of(every) {
             let dead: Vec<usize> = (0..n_codes).filter(|&i| self.window[i] == 0).collect();
             if !dead.is_empty() {
                 let m = z.dim(0)?;
