@@ -11,5 +11,6 @@ pub mod data;
 pub mod hub;
 pub mod kernels;
 pub mod model;
+pub mod report;
 pub mod train;
 pub mod util;

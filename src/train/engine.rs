@@ -134,7 +134,7 @@ pub fn evaluate(
             prefetch: 2,
         },
     )?;
-    let pb = crate::cli::progress(loader.batches_per_epoch(), "evaluating");
+    let pb = crate::report::progress(loader.batches_per_epoch(), "evaluating");
     let (mut c1, mut c5, mut n, mut skipped, mut loss_sum) = (0usize, 0usize, 0usize, 0usize, 0f64);
     for b in loader.iter_epoch(0, 0) {
         skipped += report_failures(&b);
@@ -420,7 +420,7 @@ pub(crate) fn epoch_bar(
     progress: &Progress,
     epochs: usize,
 ) -> indicatif::ProgressBar {
-    let pb = crate::cli::progress(
+    let pb = crate::report::progress(
         per_epoch,
         &format!("epoch {}/{}", progress.epoch + 1, epochs),
     );
