@@ -28,4 +28,3 @@ pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
-

@@ -3,6 +3,7 @@
 mod bench;
 mod classify;
 mod convert;
+mod demo;
 mod features;
 mod info;
 mod inputs;
@@ -52,6 +53,9 @@ pub enum Command {
     Linprobe(train::LinprobeArgs),
     /// BEiT v2 masked image modeling on a frozen tokenizer's codes.
     Pretrain(train::RecipeArgs),
+    /// The whole BEiT v2 pipeline on Fashion-MNIST, offline: teacher, tokenizer,
+    /// MIM pretraining, fine-tuning and probing beside training from scratch.
+    Demo(demo::DemoArgs),
     /// Top-1 / top-5 / loss of a classifier on a labelled dataset (JSON summary).
     Eval(train::EvalArgs),
 }
@@ -211,6 +215,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Linprobe(a) => train::linprobe(a),
         Command::Eval(a) => train::eval(a),
         Command::Pretrain(a) => train::pretrain(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

@@ -79,21 +79,8 @@ fn print_summary(r: &EvalResult, extra: serde_json::Value) -> Result<()> {
 
 pub fn finetune(args: RecipeArgs) -> Result<()> {
     let recipe = Recipe::load(args.recipe.as_deref(), &args.overrides)?;
-    let (train_set, val) = open_data(&recipe)?;
-    let mut cfg = model_config(&recipe)?;
-    cfg.num_classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
-    let weights = finetune_weights(recipe.model.weights.as_deref(), &cfg, recipe.run.seed)?;
-    let task = Finetune::new(&cfg, weights)?;
     let t0 = std::time::Instant::now();
-    let r = train(
-        &task,
-        &recipe,
-        train_set,
-        val,
-        train_transform(&recipe, &cfg, true)?,
-        eval_transform(&cfg),
-        !args.no_resume,
-    )?;
+    let r = run_finetune(&recipe, !args.no_resume)?;
     eprintln!(
         "finished in {:.1} min; model: {}",
         t0.elapsed().as_secs_f64() / 60.0,
@@ -106,6 +93,24 @@ pub fn finetune(args: RecipeArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Fine-tunes as `recipe` says (resuming when asked); the last validation result.
+pub fn run_finetune(recipe: &Recipe, resume: bool) -> Result<Option<EvalResult>> {
+    let (train_set, val) = open_data(recipe)?;
+    let mut cfg = model_config(recipe)?;
+    cfg.num_classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
+    let weights = finetune_weights(recipe.model.weights.as_deref(), &cfg, recipe.run.seed)?;
+    let task = Finetune::new(&cfg, weights)?;
+    train(
+        &task,
+        recipe,
+        train_set,
+        val,
+        train_transform(recipe, &cfg, true)?,
+        eval_transform(&cfg),
+        resume,
+    )
 }
 
 #[derive(Args, Debug)]
@@ -125,21 +130,15 @@ pub struct LinprobeArgs {
 
 pub fn linprobe(args: LinprobeArgs) -> Result<()> {
     let recipe = Recipe::load(args.recipe.recipe.as_deref(), &args.recipe.overrides)?;
-    let (train_set, val) = open_data(&recipe)?;
-    let classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
     let opts = LoadOptions {
         arch: args.arch.clone(),
         ..Default::default()
     };
-    let task = LinearProbe::new(&args.weights, &opts, args.layer, classes, recipe.run.seed)?;
-    let cfg = task.backbone.cfg.clone();
-    let r = train(
-        &task,
+    let r = run_linprobe(
         &recipe,
-        train_set,
-        val,
-        train_transform(&recipe, &cfg, false)?,
-        eval_transform(&cfg),
+        &args.weights,
+        &opts,
+        args.layer,
         !args.recipe.no_resume,
     )?;
     if let Some(r) = r {
@@ -149,6 +148,29 @@ pub fn linprobe(args: LinprobeArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Trains a linear probe on the frozen backbone in `weights`, block `layer`.
+pub fn run_linprobe(
+    recipe: &Recipe,
+    weights: &std::path::Path,
+    opts: &LoadOptions,
+    layer: i64,
+    resume: bool,
+) -> Result<Option<EvalResult>> {
+    let (train_set, val) = open_data(recipe)?;
+    let classes = recipe.model.num_classes.unwrap_or(train_set.classes.len());
+    let task = LinearProbe::new(weights, opts, layer, classes, recipe.run.seed)?;
+    let cfg = task.backbone.cfg.clone();
+    train(
+        &task,
+        recipe,
+        train_set,
+        val,
+        train_transform(recipe, &cfg, false)?,
+        eval_transform(&cfg),
+        resume,
+    )
 }
 
 type Data = Arc<crate::data::dataset::Dataset>;

@@ -587,6 +587,13 @@ pub fn run<T: SampleTransform + 'static>(
     }
     let total = steps_per_epoch * schedule.epochs;
     let warmup = steps_per_epoch * schedule.warmup_epochs;
+    if warmup >= total {
+        eprintln!(
+            "note: schedule.warmup_epochs = {} covers the whole run of {} epochs: the learning \
+             rate only rises (set schedule.warmup_epochs below schedule.epochs)",
+            schedule.warmup_epochs, schedule.epochs
+        );
+    }
     let ckpt_dir = prepare_checkpoint_dir(out, resume)?;
     let (depth, rule) = obj.param_groups();
     let mut opt = AdamW::with_rule(obj.trainable(), depth, cfg.optim.clone(), rule)?;
