@@ -89,9 +89,9 @@ fn smoke_pipeline_runs_every_stage_and_reports_the_logged_numbers() {
         let metrics = std::fs::read_to_string(out.join(stage).join("metrics.jsonl")).unwrap();
         let last_val: serde_json::Value = metrics
             .lines()
+            .rev()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["kind"] == "val")
-            .last()
+            .find(|v| v["kind"] == "val")
             .unwrap();
         assert_eq!(row["result"]["top1"], last_val["top1"], "{stage}");
     }

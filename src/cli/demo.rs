@@ -63,6 +63,42 @@ pub struct DemoArgs {
     /// Start over: remove the output folder first.
     #[arg(long)]
     pub fresh: bool,
+    /// Do not install missing Debian data packages (root only) before running.
+    #[arg(long)]
+    pub no_install: bool,
+}
+
+/// Whether this process runs as root (`Uid:` in /proc/self/status).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Installs Debian's data packages with apt-get (the demo's documented set-up
+/// step), when they are missing from their default paths.
+fn install_packages(packages: &[&str]) -> Result<()> {
+    eprintln!("installing Debian's {} (apt-get)", packages.join(" and "));
+    let run = |args: &[&str]| -> Result<()> {
+        let st = std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("cannot run apt-get")?;
+        if !st.success() {
+            bail!("apt-get {} failed ({st})", args.join(" "));
+        }
+        Ok(())
+    };
+    run(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend_from_slice(packages);
+    run(&args)
 }
 
 const RECIPES: &[(&str, &str)] = &[
@@ -149,11 +185,14 @@ impl Sizes {
 
 /// Where the data lives; a clear error naming the package and the flags
 /// when it is not there.
-fn check_data(fm: &Path, digits: &Path) -> Result<()> {
-    let fm_ok = ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
+fn has_fashion_mnist(dir: &Path) -> bool {
+    ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"]
         .iter()
-        .all(|f| fm.join(f).exists() || fm.join(format!("{f}.gz")).exists());
-    if !fm_ok {
+        .all(|f| dir.join(f).exists() || dir.join(format!("{f}.gz")).exists())
+}
+
+fn check_data(fm: &Path, digits: &Path) -> Result<()> {
+    if !has_fashion_mnist(fm) {
         bail!(
             "Fashion-MNIST is not in {}: install Debian's package (`apt-get install \
              dataset-fashion-mnist`) or pass --data DIR with train-images-idx3-ubyte, \
@@ -274,6 +313,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .digits
         .clone()
         .unwrap_or_else(Dataset::default_sklearn_digits_path);
+    let mut missing = Vec::new();
+    if args.data.is_none() && !has_fashion_mnist(&fm_dir) {
+        missing.push("dataset-fashion-mnist");
+    }
+    if args.digits.is_none() && !digits.exists() {
+        missing.push("python3-sklearn");
+    }
+    if !missing.is_empty() && !args.no_install && is_root() {
+        install_packages(&missing)?;
+    }
     check_data(&fm_dir, &digits)?;
     let out = args.out.clone();
     if args.fresh && out.exists() {
