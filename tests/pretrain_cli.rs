@@ -196,7 +196,11 @@ fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
             "global_pool": "avg", "crop_pct": 1.0}"#,
     )
     .unwrap();
-    for (i, w) in [&pt, &ft].iter().enumerate() {
+    // Ours (raw and converted) and the unilm / mmpretrain pretraining fixtures
+    // (the same shapes) all fine-tune directly.
+    let unilm = fixture("pretrain/unilm_pt.pth");
+    let mmp = fixture("pretrain/mmpretrain_pt.pth");
+    for (i, w) in [&pt, &ft, &unilm, &mmp].iter().enumerate() {
         let out = a.join(format!("ft{i}"));
         let r = beitv2(&[
             "finetune",

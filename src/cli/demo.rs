@@ -21,7 +21,7 @@ use crate::data::EvalTransform;
 use crate::data::dataset::{Dataset, Split};
 use crate::model::BeitConfig;
 use crate::model::vqkd::{CodeUsage, Vqkd};
-use crate::train::plot::{Chart, Series, save_png};
+use crate::train::charts::{Chart, Series, save_png};
 use crate::train::pretrain::{PretrainRecipe, pretrain};
 use crate::train::recipe::Recipe;
 use crate::train::tokenizer::{TokenizerRecipe, train_tokenizer};
@@ -662,6 +662,24 @@ fn report_md(r: &Value) -> String {
             "| test top-1, {what} | {} | {} | {} |\n",
             cols[0], cols[1], cols[2]
         ));
+    }
+    // Plain words on what pretraining wins and loses.
+    let pct = |c: &str| c.trim_end_matches('%').parse::<f64>().ok();
+    s.push('\n');
+    for (what, cols) in &by_what {
+        let (p, sc, te) = (pct(&cols[0]), pct(&cols[1]), pct(&cols[2]));
+        if let (Some(p), Some(sc)) = (p, sc) {
+            let verdict = if p > sc { "wins" } else { "loses" };
+            s.push_str(&format!(
+                "- {what}: pretraining {verdict} against scratch ({:+.2} points)",
+                p - sc
+            ));
+            if let Some(te) = te {
+                let v = if p > te { "beats" } else { "trails" };
+                s.push_str(&format!(" and {v} the teacher's features ({:+.2})", p - te));
+            }
+            s.push_str(".\n");
+        }
     }
     let (t, k, p, u) = (
         &r["teacher"],

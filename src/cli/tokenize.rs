@@ -5,7 +5,7 @@ use super::{finish_batch, inputs, progress};
 use crate::checkpoint::load_vqkd;
 use crate::data::{EvalTransform, load_batch};
 use crate::model::vqkd::{CodeUsage as Usage, Vqkd, VqkdConfig};
-use crate::train::plot::{Chart, Series, save_png};
+use crate::train::charts::{Chart, Series, save_png};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use clap::{Args, ValueEnum};

@@ -8,9 +8,9 @@
 //! (seed, epoch), each sample's augmentation from (seed, epoch, index), and
 //! the batch-level randomness (mixup, drop path) from (seed, step).
 
+use super::charts::{Chart, Series, save_panels};
 use super::loss::{correct_top_k, smoothed_targets, soft_target_cross_entropy};
 use super::optim::{AdamW, DecayRule, OptimConfig, clip_grad_norm, cosine_lr};
-use super::plot::{Chart, Series, save_panels};
 use super::recipe::{Recipe, RunSection, ScheduleSection};
 use crate::data::augment::{Mixup, TrainTransform};
 use crate::data::dataset::Dataset;
@@ -620,7 +620,7 @@ pub fn run<T: SampleTransform + 'static>(
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut loss_acc = 0f64;
         let mut metrics = Metrics::new();
-        let step_start = std::time::Instant::now();
+        let mut step_start = std::time::Instant::now();
         let mut images_in_step = 0usize;
         for b in loader
             .iter_epoch(epoch as u64, progress.batch)
@@ -685,6 +685,7 @@ pub fn run<T: SampleTransform + 'static>(
             ));
             loss_acc = 0.0;
             images_in_step = 0;
+            step_start = std::time::Instant::now();
             if run.ckpt_every > 0 && progress.step % run.ckpt_every as u64 == 0 {
                 checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
             }

@@ -1,9 +1,9 @@
 //! Training: optimiser, schedules, loops, checkpoints, plots.
 
+pub mod charts;
 pub mod engine;
 pub mod loss;
 pub mod optim;
-pub mod plot;
 pub mod pretrain;
 pub mod recipe;
 pub mod tasks;

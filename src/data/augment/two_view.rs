@@ -130,3 +130,86 @@ impl TwoViewTransform {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn image() -> RgbImage {
+        let (width, height) = (37, 29);
+        let data = (0..width * height * 3)
+            .map(|i| ((i * 37 + i / 7) % 251) as u8)
+            .collect();
+        RgbImage {
+            width,
+            height,
+            data,
+        }
+    }
+
+    fn transform(second: (usize, usize)) -> TwoViewTransform {
+        let mask = MaskingGenerator::new((4, 4), 6, 2, None, 0.3, None).unwrap();
+        TwoViewTransform::beitv2((16, 16), second, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], mask)
+    }
+
+    #[test]
+    fn both_views_come_from_one_jittered_flipped_crop() {
+        let t = transform((16, 16));
+        for seed in 0..20 {
+            let rec = t
+                .apply(&image(), &mut ChaCha8Rng::seed_from_u64(seed))
+                .unwrap();
+            assert_eq!(rec.len(), t.record_len());
+            let (student, rest) = rec.split_at(3 * 16 * 16);
+            let (second, mask) = rest.split_at(3 * 16 * 16);
+            // Same pixels: the student view is the tokenizer view normalised.
+            for c in 0..3 {
+                for i in 0..256 {
+                    let want = (second[c * 256 + i] - t.mean[c]) / t.std[c];
+                    assert_eq!(student[c * 256 + i], want);
+                }
+            }
+            assert!(second.iter().all(|v| (0.0..=1.0).contains(v)));
+            assert_eq!(mask.iter().filter(|&&m| m == 1.0).count(), 6);
+            assert!(mask.iter().all(|&m| m == 0.0 || m == 1.0));
+        }
+    }
+
+    #[test]
+    fn the_second_view_is_the_same_box_at_its_own_size() {
+        let t = transform((8, 8));
+        let img = image();
+        let seed = 5;
+        let rec = t.apply(&img, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        // Replay the draws: jitter, flip, box.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut j = t.jitter.as_ref().unwrap().apply(&img, &mut rng);
+        if rng.random::<f64>() < t.hflip_prob {
+            j = hflip(&j);
+        }
+        let b = t.crop.sample_box(j.width, j.height, &mut rng);
+        let small = RandomResizedCrop {
+            size: (8, 8),
+            ..t.crop.clone()
+        }
+        .resize_box(&j, b);
+        let want = normalise(&small, [0.0; 3], [1.0; 3]);
+        assert_eq!(&rec[3 * 256..3 * 256 + 3 * 64], want.as_slice());
+    }
+
+    #[test]
+    fn neutral_jitter_is_the_identity() {
+        let j = ColorJitter {
+            brightness: 0.0,
+            contrast: 0.0,
+            saturation: 0.0,
+        };
+        let img = image();
+        assert_eq!(
+            j.apply(&img, &mut ChaCha8Rng::seed_from_u64(1)).data,
+            img.data
+        );
+    }
+}

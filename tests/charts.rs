@@ -1,7 +1,7 @@
 //! Training-curve charts: image size, where series pixels land, robustness
 //! to awkward data, and PNG output.
 
-use beitv2::train::plot::{
+use beitv2::train::charts::{
     Chart, DEFAULT_HEIGHT, DEFAULT_WIDTH, PALETTE, Series, render, save_panels, save_png,
 };
 use image::{Rgb, RgbImage};
