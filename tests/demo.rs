@@ -95,6 +95,13 @@ fn smoke_pipeline_runs_every_stage_and_reports_the_logged_numbers() {
             .unwrap();
         assert_eq!(row["result"]["top1"], last_val["top1"], "{stage}");
     }
+    // A step budget shorter than an epoch stops there (100%: 3 steps).
+    let ft_steps = std::fs::read_to_string(out.join("finetune-pretrained-100pct/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"train\""))
+        .count();
+    assert_eq!(ft_steps, 3);
     // The fine-tuned checkpoint evaluates to the accuracy it logged.
     let ft = out.join("finetune-pretrained-100pct");
     let e = Command::new(env!("CARGO_BIN_EXE_beitv2"))

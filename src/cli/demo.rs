@@ -133,8 +133,8 @@ struct Sizes {
     tokenizer_epochs: usize,
     pretrain_limit: usize,
     pretrain_epochs: usize,
-    /// (label fraction in percent, fine-tuning epochs).
-    finetune: &'static [(usize, usize)],
+    /// (label fraction in percent, fine-tuning epochs, step budget or 0).
+    finetune: &'static [(usize, usize, usize)],
     probe_percent: usize,
     probe_epochs: usize,
     batch_size: usize,
@@ -150,7 +150,7 @@ impl Sizes {
                 tokenizer_epochs: 1,
                 pretrain_limit: 0,
                 pretrain_epochs: 1,
-                finetune: &[(10, 1), (100, 1)],
+                finetune: &[(10, 1, 0), (100, 1, 3)],
                 probe_percent: 100,
                 probe_epochs: 1,
                 batch_size: 16,
@@ -162,7 +162,7 @@ impl Sizes {
                 tokenizer_epochs: 1,
                 pretrain_limit: 15_000,
                 pretrain_epochs: 3,
-                finetune: &[(1, 5), (10, 2)],
+                finetune: &[(1, 5, 0), (10, 2, 0), (100, 1, 150)],
                 probe_percent: 10,
                 probe_epochs: 2,
                 batch_size: 128,
@@ -174,7 +174,7 @@ impl Sizes {
                 tokenizer_epochs: 2,
                 pretrain_limit: 0,
                 pretrain_epochs: 10,
-                finetune: &[(1, 30), (10, 10), (100, 5)],
+                finetune: &[(1, 30, 0), (10, 10, 0), (100, 5, 0)],
                 probe_percent: 100,
                 probe_epochs: 3,
                 batch_size: 128,
@@ -425,7 +425,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     let limit = |pct: usize| ((n_train * pct).div_ceil(100)).max(bs);
-    for &(pct, epochs) in sz.finetune {
+    for &(pct, epochs, max_steps) in sz.finetune {
         for (init, weights) in [("pretrained", Some(&pre_w)), ("scratch", None)] {
             let name = format!("finetune-{init}-{pct}pct");
             let v = stage(&out, &name, |dir| {
@@ -436,6 +436,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     format!("data.limit={}", limit(pct)),
                     format!("schedule.epochs={epochs}"),
                     format!("schedule.warmup_epochs={}", epochs / 5),
+                    format!("schedule.max_steps={max_steps}"),
                 ]);
                 if let Some(w) = weights {
                     sets.push(format!("model.weights={}", q(w)));
@@ -483,9 +484,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 true,
             )?
             .context("no evaluation")?;
+            let steps = records(dir, "train")?.len();
             Ok(
                 json!({"top1": r.top1, "labels": probe_limit, "epochs": sz.probe_epochs,
-                      "images_per_s": images_per_s(dir, bs)?}),
+                      "steps": steps, "images_per_s": images_per_s(dir, bs)?}),
             )
         })?;
         rows.push(json!({"what": format!("linear probe, {}% labels", sz.probe_percent), "init": init, "result": v}));
@@ -701,12 +703,12 @@ fn report_md(r: &Value) -> String {
     for row in r["results"].as_array().into_iter().flatten() {
         let v = &row["result"];
         s.push_str(&format!(
-            "| {} ({}) | top-1 {}% ({} labels, {} epochs) | {} | {} s |\n",
+            "| {} ({}) | top-1 {}% ({} labels, {} steps) | {} | {} s |\n",
             row["what"].as_str().unwrap_or(""),
             row["init"].as_str().unwrap_or(""),
             f(v, "top1"),
             v["labels"],
-            v["epochs"],
+            v["steps"],
             f(v, "images_per_s"),
             f(v, "wall_s")
         ));

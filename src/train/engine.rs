@@ -585,7 +585,11 @@ pub fn run<T: SampleTransform + 'static>(
     if steps_per_epoch == 0 {
         bail!("an epoch has {per_epoch} batches, fewer than schedule.accum_steps = {accum}");
     }
-    let total = steps_per_epoch * schedule.epochs;
+    let mut total = steps_per_epoch * schedule.epochs;
+    if schedule.max_steps > 0 {
+        total = total.min(schedule.max_steps);
+    }
+    let done = |p: &Progress| p.step as usize >= total;
     let warmup = steps_per_epoch * schedule.warmup_epochs;
     if warmup >= total {
         eprintln!(
@@ -611,7 +615,7 @@ pub fn run<T: SampleTransform + 'static>(
         .and_then(|v| v.parse().ok());
     let start = std::time::Instant::now();
     let mut skipped = std::collections::BTreeSet::new();
-    while progress.epoch < schedule.epochs {
+    while progress.epoch < schedule.epochs && !done(&progress) {
         let epoch = progress.epoch;
         let pb = epoch_bar(per_epoch, &progress, schedule.epochs);
         // Whole optimiser steps only: a trailing partial accumulation group is dropped.
@@ -688,6 +692,10 @@ pub fn run<T: SampleTransform + 'static>(
             step_start = std::time::Instant::now();
             if run.ckpt_every > 0 && progress.step % run.ckpt_every as u64 == 0 {
                 checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
+            }
+            if done(&progress) {
+                // A step budget shorter than the epochs: end here as an epoch would.
+                break;
             }
         }
         pb.finish_and_clear();

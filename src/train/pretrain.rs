@@ -92,6 +92,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "model.config",
     "model.weights",
     "tokenizer.arch",
+    "schedule.max_steps",
 ];
 
 impl PretrainRecipe {

@@ -50,6 +50,11 @@ pub struct ScheduleSection {
     pub warmup_epochs: usize,
     /// Micro-batches per optimiser step (gradient accumulation).
     pub accum_steps: usize,
+    /// Stop after this many optimiser steps (0 = run every epoch): a
+    /// budget shorter than an epoch. The lr schedule spans the shorter run,
+    /// and the run ends with the end-of-epoch evaluation and exports.
+    #[serde(default)]
+    pub max_steps: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,7 +93,12 @@ fn levenshtein(a: &str, b: &str) -> usize {
 }
 
 /// Optional keys the shipped recipe leaves out.
-const OPTIONAL_KEYS: &[&str] = &["model.config", "model.weights", "model.num_classes"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "model.config",
+    "model.weights",
+    "model.num_classes",
+    "schedule.max_steps",
+];
 
 /// Every valid `section.key` of a recipe.
 fn valid_keys(reference: &toml::Table, optional: &[&str]) -> Vec<String> {

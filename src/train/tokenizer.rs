@@ -556,6 +556,7 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
         epochs: recipe.schedule.epochs,
         warmup_epochs: recipe.schedule.warmup_epochs,
         accum_steps: 1,
+        max_steps: 0,
     };
     let loop_cfg = LoopConfig {
         schedule: &schedule,
