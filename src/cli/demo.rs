@@ -484,20 +484,35 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 true,
             )?
             .context("no evaluation")?;
-            let steps = records(dir, "train")?.len();
             Ok(
                 json!({"top1": r.top1, "labels": probe_limit, "epochs": sz.probe_epochs,
-                      "steps": steps, "images_per_s": images_per_s(dir, bs)?}),
+                      "images_per_s": images_per_s(dir, bs)?}),
             )
         })?;
         rows.push(json!({"what": format!("linear probe, {}% labels", sz.probe_percent), "init": init, "result": v}));
     }
 
+    // Optimiser steps of every fine-tuning and probe, from its metrics log.
+    for row in &mut rows {
+        let stage = row["result"]["stage"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let steps = records(&out.join(&stage), "train")?.len();
+        row["result"]["steps"] = json!(steps);
+    }
     let tok = crate::checkpoint::load_vqkd(&tokenizer_w, None)?;
     let usage = figures(&out, &tok, &fm_dir)?;
+    // Every stage's own time, also when earlier runs did some of them.
+    let wall_total: f64 = [&teacher, &tokenizer, &pre]
+        .into_iter()
+        .chain(rows.iter().map(|r| &r["result"]))
+        .filter_map(|v| v["wall_s"].as_f64())
+        .sum();
     let report = json!({
         "profile": format!("{profile:?}").to_lowercase(),
-        "wall_s_total": t_all.elapsed().as_secs_f64(),
+        "wall_s_total": wall_total,
+        "wall_s_this_run": t_all.elapsed().as_secs_f64(),
         "teacher": teacher, "tokenizer": tokenizer, "pretrain": pre,
         "test_codebook_usage": usage, "results": rows,
     });
