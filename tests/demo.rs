@@ -53,6 +53,17 @@ fn write_digits(path: &Path) {
     gz(path, text.as_bytes());
 }
 
+fn demo_cmd(data: &Path, digits: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_beitv2"));
+    c.args(["demo", "--profile", "smoke", "--data"])
+        .arg(data)
+        .arg("--digits")
+        .arg(digits)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -67,17 +78,7 @@ fn smoke_pipeline_runs_every_stage_and_reports_the_logged_numbers() {
     let digits = tmp.join("digits.csv.gz");
     write_digits(&digits);
     let out = tmp.join("out");
-    let demo = || {
-        Command::new(env!("CARGO_BIN_EXE_beitv2"))
-            .args(["demo", "--profile", "smoke", "--data"])
-            .arg(&data)
-            .arg("--digits")
-            .arg(&digits)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap()
-    };
+    let demo = || demo_cmd(&data, &digits, &out).output().unwrap();
     let o = demo();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
@@ -170,4 +171,59 @@ fn missing_data_names_the_package_and_the_flag() {
             && err.contains("train-images-idx3-ubyte"),
         "{err}"
     );
+}
+
+#[test]
+fn a_killed_demo_resumes_at_the_stage_where_it_stopped() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-demo-kill-{}", std::process::id()));
+    let data = tmp.join("fmnist");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 200);
+    write_idx(&data, "t10k", 60);
+    let digits = tmp.join("digits.csv.gz");
+    write_digits(&digits);
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    let run_a = demo_cmd(&data, &digits, &a).output().unwrap();
+    assert!(
+        run_a.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run_a.stderr)
+    );
+
+    // SIGKILL as soon as the tokenizer stage has finished.
+    let mut child = demo_cmd(&data, &digits, &b)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = b.join("tokenizer/stage.json");
+    let t0 = std::time::Instant::now();
+    while !marker.exists() && t0.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !b.join("report.json").exists(),
+        "the demo finished before the kill"
+    );
+    let run_b = demo_cmd(&data, &digits, &b).output().unwrap();
+    let err = String::from_utf8_lossy(&run_b.stderr);
+    assert!(run_b.status.success(), "{err}");
+    assert!(err.contains("[teacher] done earlier: skipped"), "{err}");
+    assert!(err.contains("[tokenizer] done earlier: skipped"), "{err}");
+    // Same results as the uninterrupted run.
+    let top1 = |dir: &Path| -> Vec<serde_json::Value> {
+        json(&dir.join("report.json"))["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["result"]["top1"].clone())
+            .collect()
+    };
+    assert_eq!(top1(&a), top1(&b));
+    assert_eq!(
+        json(&a.join("pretrain/stage.json"))["mim_acc_main"],
+        json(&b.join("pretrain/stage.json"))["mim_acc_main"]
+    );
+    std::fs::remove_dir_all(tmp).unwrap();
 }
