@@ -159,7 +159,13 @@ fn smoke_pipeline_runs_every_stage_and_reports_the_logged_numbers() {
 #[test]
 fn missing_data_names_the_package_and_the_flag() {
     let o = Command::new(env!("CARGO_BIN_EXE_beitv2"))
-        .args(["demo", "--data", "/nonexistent/fmnist", "--out"])
+        .args([
+            "demo",
+            "--no-install",
+            "--data",
+            "/nonexistent/fmnist",
+            "--out",
+        ])
         .arg(std::env::temp_dir().join("beitv2-demo-missing"))
         .output()
         .unwrap();
