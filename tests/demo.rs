@@ -53,6 +53,17 @@ fn write_digits(path: &Path) {
     gz(path, text.as_bytes());
 }
 
+/// Synthetic Fashion-MNIST (200 train, 60 test) and digits files under `tmp`.
+fn synthetic_data(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = tmp.join("fmnist");
+    std::fs::create_dir_all(&data).unwrap();
+    write_idx(&data, "train", 200);
+    write_idx(&data, "t10k", 60);
+    let digits = tmp.join("digits.csv.gz");
+    write_digits(&digits);
+    (data, digits)
+}
+
 fn demo_cmd(data: &Path, digits: &Path, out: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_beitv2"));
     c.args(["demo", "--profile", "smoke", "--data"])
@@ -71,12 +82,7 @@ fn json(path: &Path) -> serde_json::Value {
 #[test]
 fn smoke_pipeline_runs_every_stage_and_reports_the_logged_numbers() {
     let tmp = std::env::temp_dir().join(format!("beitv2-demo-{}", std::process::id()));
-    let data = tmp.join("fmnist");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 200);
-    write_idx(&data, "t10k", 60);
-    let digits = tmp.join("digits.csv.gz");
-    write_digits(&digits);
+    let (data, digits) = synthetic_data(&tmp);
     let out = tmp.join("out");
     let demo = || demo_cmd(&data, &digits, &out).output().unwrap();
     let o = demo();
@@ -182,12 +188,7 @@ fn missing_data_names_the_package_and_the_flag() {
 #[test]
 fn a_killed_demo_resumes_at_the_stage_where_it_stopped() {
     let tmp = std::env::temp_dir().join(format!("beitv2-demo-kill-{}", std::process::id()));
-    let data = tmp.join("fmnist");
-    std::fs::create_dir_all(&data).unwrap();
-    write_idx(&data, "train", 200);
-    write_idx(&data, "t10k", 60);
-    let digits = tmp.join("digits.csv.gz");
-    write_digits(&digits);
+    let (data, digits) = synthetic_data(&tmp);
     let (a, b) = (tmp.join("a"), tmp.join("b"));
     let run_a = demo_cmd(&data, &digits, &a).output().unwrap();
     assert!(

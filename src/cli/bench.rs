@@ -85,8 +85,23 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The median of each timed phase over the passes after `warmup`.
+fn phase_medians<const N: usize>(phases: &[[f64; N]], warmup: usize) -> [f64; N] {
+    let timed = &phases[warmup.min(phases.len() - 1)..];
+    std::array::from_fn(|i| {
+        let mut v: Vec<f64> = timed.iter().map(|p| p[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    })
+}
+
 fn random_weights(cfg: &BeitConfig) -> Result<HashMap<String, Tensor>> {
-    expected_weights(cfg)?
+    random_tensors(expected_weights(cfg)?)
+}
+
+/// N(0, 0.02²) values for every (name, shape).
+fn random_tensors(shapes: Vec<(String, Vec<usize>)>) -> Result<HashMap<String, Tensor>> {
+    shapes
         .into_iter()
         .map(|(name, shape)| Ok((name, Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?)))
         .collect()
@@ -333,13 +348,7 @@ fn bench_train_step(args: &BenchArgs) -> Result<()> {
         let t3 = Instant::now();
         phases.push([t1 - t0, t2 - t1, t3 - t2, t3 - t0].map(|d| d.as_secs_f64()));
     }
-    let timed = &phases[args.warmup.min(phases.len() - 1)..];
-    let median = |i: usize| {
-        let mut v: Vec<f64> = timed.iter().map(|p| p[i]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (fwd, bwd, step, total) = (median(0), median(1), median(2), median(3));
+    let [fwd, bwd, step, total] = phase_medians(&phases, args.warmup);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
     if args.json {
         println!(
@@ -375,11 +384,9 @@ fn bench_pretrain_step(args: &BenchArgs) -> Result<()> {
     let cfg = MimConfig::preset(&args.arch)?;
     let mut tcfg = VqkdConfig::preset("vqkd_encoder_base_decoder_3x768x12_clip")?;
     tcfg.decoder_depth = 0;
-    let tok_weights: HashMap<String, Tensor> =
-        crate::model::record_weights(|vb| Vqkd::new(&tcfg, vb).map(|_| ()))?
-            .into_iter()
-            .map(|(name, shape)| Ok((name, Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?)))
-            .collect::<Result<_>>()?;
+    let tok_weights = random_tensors(crate::model::record_weights(|vb| {
+        Vqkd::new(&tcfg, vb).map(|_| ())
+    })?)?;
     let tokenizer = Vqkd::new(
         &tcfg,
         candle_nn::VarBuilder::from_tensors(tok_weights, candle_core::DType::F32, &Device::Cpu),
@@ -438,13 +445,7 @@ fn bench_pretrain_step(args: &BenchArgs) -> Result<()> {
         let t4 = Instant::now();
         phases.push([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0].map(|d| d.as_secs_f64()));
     }
-    let timed = &phases[args.warmup.min(phases.len() - 1)..];
-    let median = |i: usize| {
-        let mut v: Vec<f64> = timed.iter().map(|p| p[i]).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (tok, fwd, bwd, step, total) = (median(0), median(1), median(2), median(3), median(4));
+    let [tok, fwd, bwd, step, total] = phase_medians(&phases, args.warmup);
     let rss = peak_rss_mb().unwrap_or(f64::NAN);
     if args.json {
         println!(

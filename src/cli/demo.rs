@@ -637,12 +637,7 @@ fn token_grid(items: &[(crate::data::RgbImage, Vec<u32>)], g: usize, path: &Path
             }
         }
     }
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )?;
-    crate::util::write_atomic(path, &bytes)
+    crate::train::charts::write_png(&img, path)
 }
 
 fn f(v: &Value, k: &str) -> String {

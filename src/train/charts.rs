@@ -260,7 +260,8 @@ pub fn render(chart: &Chart, width: u32, height: u32) -> Result<RgbImage> {
     RgbImage::from_raw(width, height, buf).context("chart buffer has the wrong size")
 }
 
-fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
+/// Writes `img` to `path` as a PNG, atomically.
+pub(crate) fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),

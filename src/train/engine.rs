@@ -241,6 +241,24 @@ fn summarise_skipped(skipped: &std::collections::BTreeSet<String>) {
     }
 }
 
+/// Per-code counts as a state tensor (u32, saturating) for a checkpoint.
+pub(crate) fn counts_tensor(c: &[u64]) -> Result<Tensor> {
+    let v: Vec<u32> = c.iter().map(|&x| x.min(u32::MAX as u64) as u32).collect();
+    Ok(Tensor::from_vec(v, c.len(), &Device::Cpu)?)
+}
+
+/// The counts saved under `key` by [`counts_tensor`], or `n` zeros.
+pub(crate) fn counts_from(
+    state: &HashMap<String, Tensor>,
+    key: &str,
+    n: usize,
+) -> Result<Vec<u64>> {
+    match state.get(key) {
+        Some(t) => Ok(t.to_vec1::<u32>()?.into_iter().map(u64::from).collect()),
+        None => Ok(vec![0; n]),
+    }
+}
+
 /// Seeds derived from the run seed, independent of scheduling.
 pub(crate) fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(step + 1))

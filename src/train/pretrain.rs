@@ -4,7 +4,8 @@
 //! patch-aggregation neck; loss = CE(main) + CE(aggregated).
 
 use super::engine::{
-    ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, open_dataset, train_loader_with,
+    ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, counts_from, counts_tensor,
+    open_dataset, train_loader_with,
 };
 use super::optim::{DecayRule, OptimConfig};
 use super::recipe::{RunSection, ScheduleSection, load_checked};
@@ -490,21 +491,10 @@ impl Objective for MimObjective<'_> {
         Ok(Some((l.loss, m.as_object().cloned().unwrap_or_default())))
     }
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let v: Vec<u32> = self
-            .counts
-            .iter()
-            .map(|&c| c.min(u32::MAX as u64) as u32)
-            .collect();
-        let n = v.len();
-        Ok(vec![(
-            "target_counts".into(),
-            Tensor::from_vec(v, n, &Device::Cpu)?,
-        )])
+        Ok(vec![("target_counts".into(), counts_tensor(&self.counts)?)])
     }
     fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        if let Some(t) = state.get("target_counts") {
-            self.counts = t.to_vec1::<u32>()?.into_iter().map(u64::from).collect();
-        }
+        self.counts = counts_from(state, "target_counts", self.counts.len())?;
         Ok(())
     }
     fn end_epoch(&mut self, _epoch: usize) -> Result<Option<EpochRecord>> {

@@ -5,7 +5,8 @@
 //! restart re-seeds codes unused for a while from recent encoder outputs.
 
 use super::engine::{
-    ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, open_dataset, step_rng,
+    ChartSpec, EpochRecord, LoopConfig, Metrics, Objective, counts_from, counts_tensor,
+    open_dataset, step_rng,
 };
 use super::optim::{DecayRule, OptimConfig};
 use super::recipe::{RunSection, ScheduleSection};
@@ -334,18 +335,6 @@ struct TokenizerObjective<'a> {
 impl TokenizerObjective<'_> {
     fn n_codes(&self) -> usize {
         self.tok.model.cfg.n_codes
-    }
-}
-
-fn counts_tensor(c: &[u64]) -> Result<Tensor> {
-    let v: Vec<u32> = c.iter().map(|&x| x.min(u32::MAX as u64) as u32).collect();
-    Ok(Tensor::from_vec(v, c.len(), &Device::Cpu)?)
-}
-
-fn counts_from(state: &HashMap<String, Tensor>, key: &str, n: usize) -> Result<Vec<u64>> {
-    match state.get(key) {
-        Some(t) => Ok(t.to_vec1::<u32>()?.into_iter().map(u64::from).collect()),
-        None => Ok(vec![0; n]),
     }
 }
 
