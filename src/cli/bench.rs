@@ -27,6 +27,8 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// A named architecture, or a model config JSON file (e.g.
+    /// recipes/fashion-mnist-beit-tiny.json).
     #[arg(long, default_value = "beitv2_base_patch16_224")]
     pub arch: String,
     /// Batch sizes to measure (e.g. --batch-size 1 8 32).
@@ -107,6 +109,15 @@ fn random_tensors(shapes: Vec<(String, Vec<usize>)>) -> Result<HashMap<String, T
         .collect()
 }
 
+/// `--arch`: a preset name, or the path of a config JSON.
+fn arch_config(arch: &str) -> Result<BeitConfig> {
+    let path = std::path::Path::new(arch);
+    if arch.ends_with(".json") || path.is_file() {
+        return Ok(BeitConfig::from_file(path)?);
+    }
+    Ok(BeitConfig::preset(arch)?)
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     if !args.preprocess.is_empty() {
         return bench_preprocess(&args);
@@ -117,7 +128,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.pretrain_step {
         return bench_pretrain_step(&args);
     }
-    let cfg = BeitConfig::preset(&args.arch)?;
+    let cfg = arch_config(&args.arch)?;
     let weights = random_weights(&cfg)?;
     let mut model = build_model(&cfg, weights.clone())?;
     if args.no_fused && args.dtype != Precision::F32 {
@@ -317,7 +328,7 @@ fn bench_preprocess(args: &BenchArgs) -> Result<()> {
 /// cross-entropy, backward, AdamW (lr 1e-3, weight decay 0.05), on random
 /// images and labels.
 fn bench_train_step(args: &BenchArgs) -> Result<()> {
-    let mut cfg = BeitConfig::preset(&args.arch)?;
+    let mut cfg = arch_config(&args.arch)?;
     cfg.drop_path_rate = 0.1;
     let b = *args.batch_size.first().unwrap_or(&8);
     let task = Finetune::new(&cfg, init_weights(&cfg, 0)?)?;

@@ -206,8 +206,18 @@ impl CustomOp1 for GeluOp {
     }
 }
 
-/// `y = x·Wᵀ + b` for x (rows, in), W (out, in), b (out).
+/// `y = x·Wᵀ + b` for x (…, in), W (out, in), b (out) → (…, out). Taking
+/// any leading axes keeps reshapes (each one a zeroed gradient buffer and an
+/// add in candle's backward) out of the graph.
 struct LinearOp;
+
+/// (product of the leading axes, last axis) of a shape of rank ≥ 1.
+fn rows_and_width(shape: &Shape) -> Result<(usize, usize)> {
+    match shape.dims().split_last() {
+        Some((&k, lead)) => Ok((lead.iter().product(), k)),
+        None => candle_core::bail!("linear: the input is a scalar"),
+    }
+}
 
 /// `dst = lhs · rhs` on the `gemm` crate, all row-major except where the
 /// strides say otherwise: (rows, cols, depth, dst, lhs (ptr, rs, cs), rhs (ptr, rs, cs)).
@@ -269,11 +279,12 @@ impl CustomOp3 for LinearOp {
             slice(s2, l2, "linear weight")?,
             slice(s3, l3, "linear bias")?,
         );
-        let (rows, k) = l1.shape().dims2()?;
+        let (rows, k) = rows_and_width(l1.shape())?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 || b.len() != n {
             candle_core::bail!(
-                "linear: input {rows}×{k}, weight {n}×{k2}, bias {}",
+                "linear: input {:?}, weight {n}×{k2}, bias {}",
+                l1.shape().dims(),
                 b.len()
             );
         }
@@ -284,7 +295,9 @@ impl CustomOp3 for LinearOp {
             in_dim: k,
         };
         super::linear::linear(x, rows, weight, Some(b), super::Epilogue::Store, &mut out);
-        Ok((CpuStorage::F32(out), (rows, n).into()))
+        let mut shape = l1.shape().dims().to_vec();
+        *shape.last_mut().expect("rank checked above") = n;
+        Ok((CpuStorage::F32(out), shape.into()))
     }
 
     /// dx = g·W, dW = gᵀ·x, db = Σ_rows g.
@@ -296,7 +309,7 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, k) = x.dims2()?;
+        let (rows, k) = rows_and_width(x.shape())?;
         let n = w.dim(0)?;
         let (dx, dw, db) = with_data(x, |x| {
             with_data(w, |w| {
@@ -311,7 +324,7 @@ impl CustomOp3 for LinearOp {
         })?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (rows, k), dev)?),
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dw, (n, k), dev)?),
             Some(Tensor::from_vec(db, n, dev)?),
         ))
@@ -411,6 +424,138 @@ impl CustomOp2 for AttentionOp {
     }
 }
 
+/// A block's residual add `x + s[b]·γ ∘ y`: layer scale γ (C) and the
+/// per-sample drop-path factor s (B; all ones when nothing is dropped), one
+/// node in place of candle's two broadcast products and an add.
+struct ResidualOp {
+    sample_scale: Option<Vec<f32>>,
+}
+
+impl ResidualOp {
+    fn scale(&self, b: usize) -> f32 {
+        self.sample_scale.as_ref().map_or(1.0, |s| s[b])
+    }
+}
+
+impl CustomOp3 for ResidualOp {
+    fn name(&self) -> &'static str {
+        "beitv2-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, y, g) = (
+            slice(s1, l1, "residual input")?,
+            slice(s2, l2, "residual branch")?,
+            slice(s3, l3, "layer scale")?,
+        );
+        let (c, per_sample) = self.check(l1.shape(), l2.shape(), g.len())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(per_sample)
+            .zip(x.par_chunks(per_sample).zip(y.par_chunks(per_sample)))
+            .enumerate()
+            .for_each(|(b, (o, (x, y)))| {
+                let s = self.scale(b);
+                for ((o, x), y) in o
+                    .chunks_exact_mut(c)
+                    .zip(x.chunks_exact(c))
+                    .zip(y.chunks_exact(c))
+                {
+                    for i in 0..c {
+                        // The composite's order: (y·γ)·s, then + x.
+                        o[i] = x[i] + y[i] * g[i] * s;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// dx = g, dy = (g·s[b]) ∘ γ, dγ = Σ_b,n (g·s[b]) ∘ y.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = gamma.elem_count();
+        let (_, per_sample) = self.check(x.shape(), y.shape(), c)?;
+        let (dy, dgamma) = with_data(y, |y| {
+            with_data(gamma, |gm| {
+                with_data(grad, |g| {
+                    let mut dy = vec![0f32; y.len()];
+                    let partials: Vec<Vec<f32>> = dy
+                        .par_chunks_mut(per_sample)
+                        .zip(y.par_chunks(per_sample).zip(g.par_chunks(per_sample)))
+                        .enumerate()
+                        .map(|(b, (dy, (y, g)))| {
+                            let s = self.scale(b);
+                            let mut dg = vec![0f32; c];
+                            for ((dy, y), g) in dy
+                                .chunks_exact_mut(c)
+                                .zip(y.chunks_exact(c))
+                                .zip(g.chunks_exact(c))
+                            {
+                                for i in 0..c {
+                                    let gs = g[i] * s;
+                                    dy[i] = gs * gm[i];
+                                    dg[i] += gs * y[i];
+                                }
+                            }
+                            dg
+                        })
+                        .collect();
+                    // Summed in sample order: the result does not depend on scheduling.
+                    let mut dgamma = vec![0f32; c];
+                    for p in partials {
+                        dgamma.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
+                    Ok((dy, dgamma))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(grad.clone()),
+            Some(Tensor::from_vec(dy, y.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma, gamma.shape(), dev)?),
+        ))
+    }
+}
+
+impl ResidualOp {
+    /// (channels, elements per sample) after checking that x and y are one
+    /// (B, …, C) shape, γ has C values and s has B.
+    fn check(&self, x: &Shape, y: &Shape, c: usize) -> Result<(usize, usize)> {
+        let dims = x.dims();
+        if x != y || dims.len() < 2 || dims.last() != Some(&c) {
+            candle_core::bail!(
+                "residual: input {:?}, branch {:?}, layer scale of {c}",
+                dims,
+                y.dims()
+            );
+        }
+        if let Some(s) = &self.sample_scale
+            && s.len() != dims[0]
+        {
+            candle_core::bail!(
+                "residual: {} drop-path factors for a batch of {}",
+                s.len(),
+                dims[0]
+            );
+        }
+        Ok((c, x.elem_count() / dims[0]))
+    }
+}
+
 fn plain(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
@@ -429,7 +574,8 @@ pub fn layer_norm_op(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Opt
     )?))
 }
 
-/// Differentiable `x·Wᵀ + b` for 2-D `x`, or None off the f32 CPU path.
+/// Differentiable `x·Wᵀ + b` over the last axis of `x`, or None off the
+/// f32 CPU path.
 pub fn linear_op(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     if !plain(&[x, w, b]) {
         return Ok(None);
@@ -457,6 +603,25 @@ pub fn attention_op(
         scale: scale as f32,
     };
     Ok(Some(qkv.contiguous()?.apply_op2(&bias.contiguous()?, op)?))
+}
+
+/// Differentiable `x + s[b]·γ ∘ y` (see [`ResidualOp`]) for x, y (B, …, C),
+/// γ (C) and per-sample factors s (B) or none. None off the f32 CPU path.
+pub fn residual_op(
+    x: &Tensor,
+    y: &Tensor,
+    gamma: &Tensor,
+    sample_scale: Option<Vec<f32>>,
+) -> Result<Option<Tensor>> {
+    if !plain(&[x, y, gamma]) {
+        return Ok(None);
+    }
+    let op = ResidualOp { sample_scale };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &y.contiguous()?,
+        &gamma.contiguous()?,
+        op,
+    )?))
 }
 
 /// Differentiable softmax over the last axis, or None off the f32 CPU path.
@@ -576,6 +741,55 @@ mod tests {
             },
             2e-5,
         );
+    }
+
+    #[test]
+    fn linear_on_leading_axes_matches_candle_matmul() {
+        check(
+            &[rand(&[3, 5, 24], 16), rand(&[40, 24], 17), rand(&[40], 18)],
+            |t| linear_op(&t[0], &t[1], &t[2]).unwrap().unwrap(),
+            |t| {
+                t[0].broadcast_matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn residual_matches_candle_composite() {
+        let x = || rand(&[3, 5, 8], 20);
+        let y = || rand(&[3, 5, 8], 21);
+        let gamma = || rand(&[8], 22);
+        let scale = vec![1.25f32, 0.0, 1.25];
+        for s in [None, Some(scale)] {
+            let mask = s
+                .clone()
+                .map(|v| Tensor::from_vec(v, (3, 1, 1), &Device::Cpu).unwrap());
+            check(
+                &[x(), y(), gamma()],
+                |t| {
+                    residual_op(&t[0], &t[1], &t[2], s.clone())
+                        .unwrap()
+                        .unwrap()
+                },
+                |t| {
+                    let mut branch = t[1].broadcast_mul(&t[2]).unwrap();
+                    if let Some(m) = &mask {
+                        branch = branch.broadcast_mul(m).unwrap();
+                    }
+                    (&t[0] + branch).unwrap()
+                },
+                1e-6,
+            );
+        }
+        // A batch of three with two drop-path factors is refused.
+        let t = residual_op(&x(), &y(), &gamma(), Some(vec![1.0, 1.0]))
+            .unwrap_err()
+            .to_string();
+        assert!(t.contains("2 drop-path factors for a batch of 3"), "{t}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and the pre-norm transformer block with layer scale (spec A.5).
 
 use super::config::{BeitConfig, RelPosBias};
-use super::layers::{LayerNorm, Linear, Mlp, drop_path, linear, softmax_last};
+use super::layers::{LayerNorm, Linear, Mlp, drop_path_factors, linear, softmax_last};
 use super::rel_pos::{gather_bias, table_len};
 use crate::kernels::attention::{AttentionDims, attention};
 use crate::kernels::{
@@ -331,26 +331,35 @@ impl Block {
         {
             return self.forward_fused(x, shared_bias);
         }
-        // γ is applied before DropPath, as in the references.
-        let mut branch = |y: Tensor, g: &Option<Tensor>| -> Result<Tensor> {
-            let y = match g {
+        // x + DropPath(γ ∘ y): γ is applied before DropPath, as in the references.
+        let mut residual = |x: &Tensor, y: Tensor, g: &Option<Tensor>| -> Result<Tensor> {
+            let _t = profile::scope("residual", 0.0);
+            let factors = match train_rng.as_deref_mut() {
+                Some(rng) => drop_path_factors(x.dim(0)?, self.drop_path, rng),
+                None => None,
+            };
+            if let Some(g) = g
+                && y.track_op()
+                && let Some(out) = autograd::residual_op(x, &y, g, factors.clone())?
+            {
+                return Ok(out);
+            }
+            let mut y = match g {
                 Some(g) => y.broadcast_mul(g)?,
                 None => y,
             };
-            match train_rng.as_deref_mut() {
-                Some(rng) => drop_path(&y, self.drop_path, rng),
-                None => Ok(y),
+            if let Some(f) = factors {
+                let mut shape = vec![1usize; y.rank()];
+                shape[0] = f.len();
+                y = y.broadcast_mul(&Tensor::from_vec(f, shape, y.device())?)?;
             }
+            x + y
         };
         let a = self
             .attn
             .forward(&self.norm1.forward(x)?, index, shared_bias)?;
-        let x = {
-            let _t = profile::scope("residual", 0.0);
-            (x + branch(a, &self.gamma_1)?)?
-        };
+        let x = residual(x, a, &self.gamma_1)?;
         let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        let _t = profile::scope("residual", 0.0);
-        &x + branch(m, &self.gamma_2)?
+        residual(&x, m, &self.gamma_2)
     }
 }

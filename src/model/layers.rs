@@ -111,18 +111,19 @@ impl Linear {
 
 /// `x·Wᵀ + b` with `W` of shape (out, in), for any number of leading axes.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(b) = bias
+        && tracked(&[x, weight, b])
+        && let Some(y) = autograd::linear_op(x, weight, b)?
+    {
+        return Ok(y);
+    }
     let dims = x.dims();
     let (lead, in_dim) = dims.split_at(dims.len() - 1);
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_dim[0]))?;
-    let fused = match bias {
-        Some(b) if tracked(&[x, weight, b]) => autograd::linear_op(&x2, weight, b)?,
-        _ => None,
-    };
-    let y = match (fused, bias) {
-        (Some(y), _) => y,
-        (None, Some(b)) => x2.matmul(&weight.t()?)?.broadcast_add(b)?,
-        (None, None) => x2.matmul(&weight.t()?)?,
+    let y = match bias {
+        Some(b) => x2.matmul(&weight.t()?)?.broadcast_add(b)?,
+        None => x2.matmul(&weight.t()?)?,
     };
     let mut out_shape = lead.to_vec();
     out_shape.push(weight.dim(0)?);
@@ -232,23 +233,23 @@ impl Mlp {
 }
 
 /// Stochastic depth (timm `drop_path`): each sample's branch is kept with
-/// probability `1 − rate` and then scaled by `1 / (1 − rate)`.
-pub fn drop_path(x: &Tensor, rate: f64, rng: &mut impl Rng) -> Result<Tensor> {
+/// probability `1 − rate` and then scaled by `1 / (1 − rate)`. These are
+/// the per-sample factors for a batch of `b` (0 or `1 / (1 − rate)`), or
+/// None when `rate` is 0 (no random draw then).
+pub fn drop_path_factors(b: usize, rate: f64, rng: &mut impl Rng) -> Option<Vec<f32>> {
     if rate <= 0.0 {
-        return Ok(x.clone());
+        return None;
     }
     let keep = 1.0 - rate;
-    let b = x.dim(0)?;
-    let mask: Vec<f32> = (0..b)
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mut shape = vec![1usize; x.rank()];
-    shape[0] = b;
-    x.broadcast_mul(&Tensor::from_vec(mask, shape, x.device())?)
+    Some(
+        (0..b)
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+    )
 }
