@@ -12,16 +12,18 @@ unsafe extern "C" {
 }
 
 /// Keeps freed memory in the process instead of returning it to the OS after
-/// 10 ms: training allocates and frees the same large buffers every step, and
-/// each return costs a round of page zeroing (docs/perf.md). `mi_option_purge_delay`
-/// is option 15 in mimalloc v2 and v3; its default of 10 confirms the index.
+/// the purge delay: training allocates and frees the same large buffers every
+/// step, and each return costs a round of page zeroing (docs/perf.md).
+/// `mi_option_purge_delay` is option 15 in mimalloc v2 and v3; its default
+/// (10 ms in v2, 1000 ms in v3, the version the crate builds by default)
+/// confirms the index.
 fn retain_freed_memory() {
     const MI_OPTION_PURGE_DELAY: i32 = 15;
     // SAFETY: plain calls into the linked mimalloc; option 15 exists in both
     // versions the crate can build, and it is only written when it reads as
-    // the documented purge-delay default.
+    // one of the documented purge-delay defaults.
     unsafe {
-        if mi_option_get(MI_OPTION_PURGE_DELAY) == 10 {
+        if matches!(mi_option_get(MI_OPTION_PURGE_DELAY), 10 | 1000) {
             mi_option_set(MI_OPTION_PURGE_DELAY, -1);
         }
     }

@@ -47,7 +47,7 @@ torch.set_num_threads(--threads) (default os.cpu_count(); 1 for `preprocess`).
       Keys: system, what="preprocess", images, repeat, images_per_s, decode_s, resize_s,
       crop_norm_s, size, resize_short, threads.
 
-  train-step --arch beitv2_base_patch16_224 --batch-size 8 --warmup 2 --iters 5 [--threads N]
+  train-step --arch beitv2_base_patch16_224|CONFIG.json --batch-size 8 --warmup 2 --iters 5 [--threads N]
       timm model (pretrained=False, drop_path_rate=0.1) in train() mode; one step =
       zero_grad(set_to_none) + forward + F.cross_entropy + backward + torch.optim.AdamW step
       (lr 1e-3, weight_decay 0.05). Input: one fixed random batch (torch.randn) and random
@@ -253,6 +253,24 @@ def cmd_preprocess(args):
               size=size, resize_short=resize_short, threads=torch.get_num_threads()))
 
 
+def beit_from_config(path, timm):
+    """timm's Beit for one of our model config JSONs (e.g. recipes/fashion-mnist-beit-tiny.json),
+    as `beitv2 bench --arch FILE --train-step` builds it: drop path 0.1, layer scale 0.1."""
+    with open(path) as f:
+        c = json.load(f)
+    h, w = c['img_size']
+    model = timm.models.beit.Beit(
+        img_size=(h, w), patch_size=c['patch_size'], in_chans=c['in_chans'],
+        num_classes=c['num_classes'], embed_dim=c['embed_dim'], depth=c['depth'],
+        num_heads=c['num_heads'], mlp_ratio=c['mlp_ratio'], qkv_bias=c['qkv_bias'],
+        use_abs_pos_emb=c['use_abs_pos_emb'],
+        use_rel_pos_bias=c['rel_pos_bias'] == 'per_block',
+        use_shared_rel_pos_bias=c['rel_pos_bias'] == 'shared',
+        init_values=0.1 if c['layer_scale'] else None,
+        global_pool=c['global_pool'], drop_path_rate=0.1)
+    return model, (h, w)
+
+
 # ---------------------------------------------------------------------------------------
 def cmd_train_step(args):
     import torch
@@ -261,10 +279,13 @@ def cmd_train_step(args):
 
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
-    model = timm.create_model(args.arch, pretrained=False, drop_path_rate=0.1)
+    if args.arch.endswith('.json'):
+        model, (h, w) = beit_from_config(args.arch, timm)
+    else:
+        model = timm.create_model(args.arch, pretrained=False, drop_path_rate=0.1)
+        _, h, w = model.pretrained_cfg.get('input_size', (3, 224, 224))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    _, h, w = model.pretrained_cfg.get('input_size', (3, 224, 224))
     x = torch.randn(args.batch_size, 3, h, w)
     y = torch.randint(0, model.num_classes, (args.batch_size,))
 
