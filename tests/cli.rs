@@ -359,3 +359,34 @@ fn tokenize_prints_grids_and_codebook_stats() {
     let ppl = stats["perplexity"].as_f64().unwrap();
     assert!(ppl >= 1.0 && ppl <= used as f64, "{ppl}");
 }
+
+#[test]
+fn every_isa_level_classifies_alike_and_an_unknown_level_is_refused() {
+    let (w, c) = tiny();
+    let (w, c) = (w.to_str().unwrap(), c.to_str().unwrap());
+    let args = [
+        "classify",
+        "--weights",
+        w,
+        "--config",
+        c,
+        "--format",
+        "csv",
+        "assets/photos/chelsea.png",
+    ];
+    let mut outputs = Vec::new();
+    for level in beitv2::kernels::isa::supported() {
+        let level = std::path::PathBuf::from(level.name());
+        let out = beitv2(&args, &[("BEITV2_ISA", &level)]);
+        assert!(out.status.success(), "{level:?}: {}", text(&out.stderr));
+        outputs.push(text(&out.stdout));
+    }
+    assert!(outputs.windows(2).all(|p| p[0] == p[1]), "{outputs:?}");
+    let out = beitv2(&args, &[("BEITV2_ISA", Path::new("avx9"))]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("BEITV2_ISA") && err.contains("avx9") && err.contains("avx2"),
+        "{err}"
+    );
+}

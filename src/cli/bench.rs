@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// on the rounded values) even where AMX is present.
     #[arg(long)]
     pub no_amx: bool,
+    /// Cap the hand-written kernels at this ISA level (as BEITV2_ISA does),
+    /// to measure a lower level's paths on this machine. A level the CPU
+    /// lacks is refused.
+    #[arg(long, value_enum)]
+    pub isa: Option<kernels::isa::Isa>,
     /// Also time every operation kind over the timed passes and print the breakdown.
     #[arg(long)]
     pub profile: bool,
@@ -109,16 +114,38 @@ fn random_tensors(shapes: Vec<(String, Vec<usize>)>) -> Result<HashMap<String, T
         .collect()
 }
 
+/// The CPU's model name (`/proc/cpuinfo`), for the record beside each figure.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 /// `--arch`: a preset name, or the path of a config JSON.
 fn arch_config(arch: &str) -> Result<BeitConfig> {
     let path = std::path::Path::new(arch);
     if arch.ends_with(".json") || path.is_file() {
-        return Ok(BeitConfig::from_file(path)?);
+        return BeitConfig::from_file(path);
     }
-    Ok(BeitConfig::preset(arch)?)
+    BeitConfig::preset(arch)
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(level) = args.isa {
+        kernels::isa::set_cap(Some(level)).map_err(anyhow::Error::msg)?;
+    }
+    eprintln!(
+        "CPU: {}; kernels at ISA level {} (highest here: {})",
+        cpu_model(),
+        kernels::isa::active(),
+        kernels::isa::detected()
+    );
     if !args.preprocess.is_empty() {
         return bench_preprocess(&args);
     }
@@ -144,9 +171,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let system = match (args.dtype, args.no_fused) {
         (_, true) => "beitv2-candle".to_string(),
         (p, false) => format!(
-            "beitv2-{}{}",
+            "beitv2-{}{}@{}",
             format!("{p:?}").to_lowercase(),
-            if args.no_amx { "-noamx" } else { "" }
+            if args.no_amx { "-noamx" } else { "" },
+            kernels::isa::active()
         ),
     };
     let [h, w] = cfg.img_size;

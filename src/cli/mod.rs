@@ -101,7 +101,8 @@ impl ModelArgs {
         let mut model = checkpoint::build_model(&cfg, weights)?;
         if dtype.quant().is_some() && !crate::kernels::packed::accelerated() {
             tracing::warn!(
-                "this CPU has no usable Intel AMX: --dtype {dtype:?} runs as an fp32 GEMM on the rounded values (same results, no faster than f32)"
+                "no usable Intel AMX here (kernels at ISA level {}): --dtype {dtype:?} runs as an fp32 GEMM on the rounded values (same results, no faster than f32)",
+                crate::kernels::isa::active()
             );
         }
         // fp32 keeps the weights as loaded: packing them for the small-batch
@@ -203,6 +204,7 @@ impl PreprocessArgs {
 
 /// Runs the command line; the process exit code is non-zero on error.
 pub fn run(cli: Cli) -> Result<()> {
+    crate::kernels::isa::cap_from_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Classify(a) => classify::run(a),
         Command::Features(a) => features::run(a),

@@ -3,8 +3,9 @@
 //! epilogues, and bf16/int8 linear layers. The model calls them only for
 //! constant f32 CPU tensors; training runs candle's differentiable ops.
 
-/// Compiles `$body` as a generic function and as an AVX-512 one, and calls the
-/// best the running CPU supports.
+/// Compiles `$body` as a generic function, an AVX2+FMA one and an AVX-512
+/// one, and calls the best that the running CPU supports and the ISA cap
+/// allows ([`isa`]).
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -19,6 +20,12 @@ macro_rules! multiversion {
                     // SAFETY: the CPU supports every feature `avx512` was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if $crate::kernels::has_avx2() {
+                    // SAFETY: the CPU supports every feature `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
             }
             body($($arg),*)
         }
@@ -27,6 +34,7 @@ macro_rules! multiversion {
 
 pub mod attention;
 pub mod autograd;
+pub mod isa;
 pub mod linear;
 pub mod math;
 pub mod packed;
@@ -51,20 +59,15 @@ pub fn fused_enabled() -> bool {
     !DISABLED.load(Ordering::Relaxed)
 }
 
-/// AVX-512 F/BW/DQ/VL are available (the vectorised element-wise kernels).
+/// AVX-512 F/BW/DQ/VL (with AVX2 and FMA) may be used: the CPU has them and
+/// the ISA cap allows them.
 pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    isa::active() >= isa::Isa::Avx512
+}
+
+/// AVX2 and FMA may be used: the CPU has them and the ISA cap allows them.
+pub fn has_avx2() -> bool {
+    isa::active() >= isa::Isa::Avx2
 }
 
 /// Precision of the linear layers at inference (`--dtype`).

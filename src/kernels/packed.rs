@@ -680,31 +680,22 @@ multiversion! {
 
 /// Run-time AMX detection and per-thread tile configuration.
 pub mod amx {
-    use std::sync::OnceLock;
-
-    /// AMX-TILE, -BF16 and -INT8 are present and the OS let this process use tiles.
+    /// AMX-TILE, -BF16 and -INT8 are present, the OS let this process use
+    /// tiles, and the ISA cap allows them.
     pub fn available() -> bool {
-        *SUPPORTED.get_or_init(detect)
+        crate::kernels::isa::active() >= crate::kernels::isa::Isa::Amx
     }
 
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-
+    /// Asks the kernel for the AMX tile state (Linux `arch_prctl`); false
+    /// where it refuses or the OS is not Linux. Called once, by the ISA
+    /// detection, after CPUID reported AMX.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    fn detect() -> bool {
-        // SAFETY: cpuid leaf 7 exists on every x86-64 CPU that reports it; the
-        // syscall only asks the kernel for permission and touches no memory.
+    pub(crate) fn request_permission() -> bool {
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: the syscall only asks the kernel for permission and touches no memory.
         unsafe {
-            if std::arch::x86_64::__cpuid(0).eax < 7 {
-                return false;
-            }
-            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
-            let (bf16, tile, int8) = (edx >> 22 & 1, edx >> 24 & 1, edx >> 25 & 1);
-            if bf16 & tile & int8 == 0 {
-                return false;
-            }
-            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-            const XFEATURE_XTILEDATA: i64 = 18;
-            let ret: i64;
             std::arch::asm!(
                 "syscall",
                 inlateout("rax") 158i64 => ret, // SYS_arch_prctl
@@ -714,12 +705,12 @@ pub mod amx {
                 lateout("r11") _,
                 options(nostack),
             );
-            ret == 0
         }
+        ret == 0
     }
 
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    fn detect() -> bool {
+    pub(crate) fn request_permission() -> bool {
         false
     }
 

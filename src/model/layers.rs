@@ -97,7 +97,11 @@ impl Linear {
         };
         let w = match (&self.packed, &self.packed_f32) {
             (Some(p), _) => WeightRef::Packed(p),
-            (None, Some(p)) if rows <= SGEMM_MAX_ROWS => WeightRef::PackedF32(p),
+            // Packed while AVX-512 was allowed; a lower ISA cap since then
+            // reads the plain weight.
+            (None, Some(p)) if rows <= SGEMM_MAX_ROWS && kernels::has_avx512() => {
+                WeightRef::PackedF32(p)
+            }
             _ => WeightRef::F32 {
                 data: cpu_f32(&ws, wl)?,
                 out_dim: n,
