@@ -37,3 +37,74 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     result
 }
+
+/// Exclusive use of an output folder for the life of this value: a second
+/// run started on the same folder is refused instead of interleaving its
+/// checkpoints and logs with the first. The lock is the OS's advisory lock on
+/// `DIR/.beitv2.lock`, which the OS drops when the process ends in any way, so
+/// a killed or crashed run never leaves the folder locked.
+#[derive(Debug)]
+pub struct OutputLock {
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    pub const FILE: &str = ".beitv2.lock";
+
+    /// Creates `dir` if needed and takes its lock, or says which process holds it.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(Self::FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                anyhow::bail!(
+                    "another beitv2 run{} is using {}: wait for it to finish or choose another \
+                     output folder",
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {holder})")
+                    },
+                    dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        // The holder's pid, for the message above (the lock itself is what counts).
+        file.set_len(0)
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_folder_is_locked_until_its_holder_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("beitv2-lock-{}", std::process::id()));
+        let first = OutputLock::acquire(&dir).unwrap();
+        let e = OutputLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("another beitv2 run") && e.contains(&std::process::id().to_string()),
+            "{e}"
+        );
+        drop(first);
+        OutputLock::acquire(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -119,9 +119,18 @@ fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let still_running = child.try_wait().unwrap().is_none();
+    // A second run on the same output folder is refused while the first holds it.
+    let second = beitv2(&["pretrain", "--recipe", rb.to_str().unwrap()]);
+    let still_running = still_running && child.try_wait().unwrap().is_none();
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(still_running, "the run finished before it could be killed");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second run shared the folder");
+    assert!(
+        err.contains(&format!("another beitv2 run (pid {})", child.id())),
+        "{err}"
+    );
     let logged = metrics_without_time(&b.join("out")).len();
     let total = metrics_without_time(&a.join("out")).len();
     assert!(logged < total, "killed after {logged} of {total} records");

@@ -330,9 +330,20 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     check_data(&fm_dir, &digits)?;
     let out = args.out.clone();
-    if args.fresh && out.exists() {
-        std::fs::remove_dir_all(&out)
-            .with_context(|| format!("cannot remove {}", out.display()))?;
+    let _lock = crate::util::OutputLock::acquire(&out)?;
+    if args.fresh {
+        // Everything but the lock file, which must stay the one this run holds.
+        for e in std::fs::read_dir(&out)?.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if e.file_name() == crate::util::OutputLock::FILE {
+                continue;
+            }
+            let removed = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                _ => std::fs::remove_file(&p),
+            };
+            removed.with_context(|| format!("cannot remove {}", p.display()))?;
+        }
     }
     let recipes = out.join("recipes");
     std::fs::create_dir_all(&recipes)?;

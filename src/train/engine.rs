@@ -616,6 +616,7 @@ pub fn run<T: SampleTransform + 'static>(
             schedule.warmup_epochs, schedule.epochs
         );
     }
+    let _lock = crate::util::OutputLock::acquire(out)?;
     let ckpt_dir = prepare_checkpoint_dir(out, resume)?;
     let (depth, rule) = obj.param_groups();
     let mut opt = AdamW::with_rule(obj.trainable(), depth, cfg.optim.clone(), rule)?;
