@@ -390,3 +390,43 @@ fn every_isa_level_classifies_alike_and_an_unknown_level_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn weights_holding_nan_or_inf_load_with_a_warning_naming_them() {
+    let (w, c) = tiny();
+    let mut tensors = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
+    for (key, value) in [
+        ("head.weight", f32::NAN),
+        ("blocks.0.norm1.bias", f32::INFINITY),
+    ] {
+        let t = &tensors[key];
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[1] = value;
+        let shape = t.shape().clone();
+        tensors.insert(
+            key.to_string(),
+            candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap(),
+        );
+    }
+    let dir = temp_dir("nan-weights");
+    let bad = dir.join("nan.safetensors");
+    candle_core::safetensors::save(&tensors, &bad).unwrap();
+    let out = beitv2(
+        &[
+            "classify",
+            "--weights",
+            bad.to_str().unwrap(),
+            "--config",
+            c.to_str().unwrap(),
+            "assets/photos/chelsea.png",
+        ],
+        &[],
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("2 tensor(s) hold NaN or Inf values")
+            && err.contains("head.weight (1 of")
+            && err.contains("blocks.0.norm1.bias (1 of"),
+        "{err}"
+    );
+}

@@ -127,3 +127,23 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     assert!(a_dir.join("out/curves.png").exists());
     std::fs::remove_dir_all(tmp).unwrap();
 }
+
+#[test]
+fn an_epoch_count_whose_steps_overflow_is_refused() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-overflow-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_class_folders(&data, 8, (16, 16));
+    let r = recipe(&tmp, &data, &tmp.join("out"));
+    let out = Command::new(env!("CARGO_BIN_EXE_beitv2"))
+        .args(["finetune", "--recipe", r.to_str().unwrap()])
+        .args(["--set", &format!("schedule.epochs={}", u64::MAX / 2)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("schedule.epochs = ") && err.contains("more steps than can be counted"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

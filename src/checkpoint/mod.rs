@@ -129,12 +129,40 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
         };
         tensors.insert(k, t);
     }
+    warn_non_finite(path, &tensors)?;
     Ok(StateDict {
         path: path.to_path_buf(),
         tensors,
         config,
         metadata,
     })
+}
+
+/// Warns, naming the tensors (the first few) and their counts, when floating
+/// weights hold NaN or ±Inf: such a file loads, but its outputs are not numbers.
+fn warn_non_finite(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let mut bad = Vec::new();
+    for (k, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let t = t.to_dtype(DType::F32)?;
+        let n = crate::kernels::with_f32(&t, |v| Ok(v.iter().filter(|x| !x.is_finite()).count()))?;
+        if n > 0 {
+            bad.push(format!("{k} ({n} of {})", t.elem_count()));
+        }
+    }
+    if !bad.is_empty() {
+        let shown = bad.len().min(5);
+        tracing::warn!(
+            "{}: {} tensor(s) hold NaN or Inf values: {}{}",
+            path.display(),
+            bad.len(),
+            bad[..shown].join(", "),
+            if bad.len() > shown { ", …" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// The shape of `t[k]`, which must have `rank` axes.

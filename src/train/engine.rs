@@ -603,12 +603,17 @@ pub fn run<T: SampleTransform + 'static>(
     if steps_per_epoch == 0 {
         bail!("an epoch has {per_epoch} batches, fewer than schedule.accum_steps = {accum}");
     }
-    let mut total = steps_per_epoch * schedule.epochs;
+    let epoch_steps = |epochs: usize, key: &str| {
+        steps_per_epoch.checked_mul(epochs).with_context(|| {
+            format!("{key} = {epochs} at {steps_per_epoch} steps an epoch is more steps than can be counted")
+        })
+    };
+    let mut total = epoch_steps(schedule.epochs, "schedule.epochs")?;
     if schedule.max_steps > 0 {
         total = total.min(schedule.max_steps);
     }
     let done = |p: &Progress| p.step as usize >= total;
-    let warmup = steps_per_epoch * schedule.warmup_epochs;
+    let warmup = epoch_steps(schedule.warmup_epochs, "schedule.warmup_epochs")?;
     if warmup >= total {
         eprintln!(
             "note: schedule.warmup_epochs = {} covers the whole run of {} epochs: the learning \
