@@ -325,3 +325,35 @@ fn damaged_files_never_panic() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Tensors that lie about their storage and a pickle whose stack grows
+/// without bound are refused with an error naming the file and the fault.
+#[test]
+fn hostile_checkpoints_are_refused_with_the_fault_named() {
+    for (name, fault) in [
+        (
+            "hostile_past_end.pth",
+            "size [1000000], stride [1]) reaches past its storage of 10",
+        ),
+        (
+            "hostile_offset_past.pth",
+            "(offset 5, size [10], stride [1]) reaches past its storage",
+        ),
+        (
+            "hostile_overflow.pth",
+            "size [2147483647, 2147483647, 2147483647] overflows",
+        ),
+        (
+            "hostile_short_storage.pth",
+            "reaches past its storage of 2 float32 elements",
+        ),
+        (
+            "hostile_negative_stride.pth",
+            "stride must be a tuple of ints >= 0",
+        ),
+        ("hostile_stack.pth", "more than 262144 values on the stack"),
+    ] {
+        let e = read_err(name);
+        assert!(e.contains(name) && e.contains(fault), "{name}: {e}");
+    }
+}

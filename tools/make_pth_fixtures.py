@@ -25,6 +25,10 @@ Files written:
   module.pth         a pickled nn.Linear (code, not data: must be refused).
   torchscript.pt     a torch.jit.save archive (must be refused).
   truncated.pth      the first half of state_dict.pth.
+  hostile_*.pth      one float32 tensor of 10 elements with its pickle or storage altered:
+                     past_end (size 1,000,000), offset_past (offset 5), overflow (size
+                     (2^31-1)^3), short_storage (8 bytes of storage), negative_stride
+                     (stride -1); hostile_stack.pth is 1,000,000 empty lists, then APPENDs.
   expected.safetensors  every tensor above, contiguous, keyed
                      '<file stem>/<dotted name>'.
 """
@@ -36,6 +40,7 @@ import os
 import pickle
 import subprocess
 import sys
+import struct
 import zipfile
 
 import numpy as np
@@ -195,6 +200,42 @@ def make_legacy_deterministic(pth):
         f.write(data)
 
 
+def hostile(path):
+    """Checkpoints whose tensors lie about their storage, and a pickle whose stack grows without
+    bound: the reader must refuse each with an error, within a bounded memory."""
+    small = path("hostile_base.pth")
+    torch.save({"w": torch.arange(10, dtype=torch.float32)}, small)
+    with zipfile.ZipFile(small) as z:
+        records = {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+    os.remove(small)
+    int32 = lambda v: b"J" + struct.pack("<i", v)
+    shape10 = b"K\x00K\n\x85q\x08K\x01\x85q\t"  # offset 0, size (10,), stride (1,)
+    variants = {
+        "past_end": (shape10, b"K\x00" + int32(1_000_000) + b"\x85q\x08K\x01\x85q\t", None),
+        "offset_past": (shape10, b"K\x05K\n\x85q\x08K\x01\x85q\t", None),
+        "overflow": (shape10, b"K\x00" + int32(2**31 - 1) * 3 + b"\x87q\x08K\x01K\x01K\x01\x87q\t",
+                     None),
+        "short_storage": (shape10, shape10, 8),
+        "negative_stride": (shape10, b"K\x00K\n\x85q\x08" + int32(-1) + b"\x85q\t", None),
+    }
+    for name, (old, new, storage_len) in variants.items():
+        stem = f"hostile_{name}"
+        with zipfile.ZipFile(path(stem + ".pth"), "w", zipfile.ZIP_STORED) as z:
+            for rec, data in records.items():
+                if rec == "data.pkl":
+                    assert old in data, "torch changed its pickle layout"
+                    data = data.replace(old, new)
+                if rec == "data/0" and storage_len is not None:
+                    data = data[:storage_len]
+                z.writestr(zipfile.ZipInfo(f"{stem}/{rec}", date_time=ZIP_DATE), data)
+    n = 1_000_000
+    stack = b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b"."
+    with zipfile.ZipFile(path("hostile_stack.pth"), "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in [("hostile_stack/data.pkl", stack), ("hostile_stack/version", b"3\n")]:
+            z.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE), data,
+                       compress_type=zipfile.ZIP_DEFLATED)
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("tests", "fixtures", "pth")
     os.makedirs(out, exist_ok=True)
@@ -288,6 +329,7 @@ def main():
         f.write(data[: len(data) // 2])
 
     save_file(expected, path("expected.safetensors"))
+    hostile(path)
     total = sum(os.path.getsize(path(n)) for n in os.listdir(out))
     print(f"wrote {len(os.listdir(out))} files, {total} bytes, {len(expected)} expected tensors")
 

@@ -25,6 +25,12 @@ use std::fmt;
 /// levels; the bound keeps recursive drops and formatting off the stack limit.
 const MAX_DEPTH: usize = 200;
 
+/// Most values on the stack at once. Python's pickler batches containers in
+/// groups of 1,000, so real files stay far below; the bound caps the reader's
+/// memory at about `MAX_STACK × size_of::<Item>()` (tens of MB) whatever the
+/// input's size.
+const MAX_STACK: usize = 1 << 18;
+
 /// Largest pickle protocol understood (Python 3.8+ writes at most 5).
 const MAX_PROTOCOL: u8 = 5;
 
@@ -642,6 +648,9 @@ impl<'a> Machine<'a> {
     fn push(&mut self, item: Item) -> Result<(), PickleError> {
         if item.depth > MAX_DEPTH {
             return Err(self.too_large(format!("nesting deeper than {MAX_DEPTH} levels")));
+        }
+        if self.stack.len() >= MAX_STACK {
+            return Err(self.too_large(format!("more than {MAX_STACK} values on the stack")));
         }
         self.stack.push(item);
         Ok(())
@@ -1502,6 +1511,30 @@ mod tests {
         p.extend(std::iter::repeat_n(0x85, 100_000));
         p.push(b'.');
         assert!(matches!(unpickle(&p), Err(PickleError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_stack_of_a_million_empty_lists_is_refused_early() {
+        // `]` × 1,000,000 then APPENDs: each list is shallow until the APPENDs
+        // run, so only the stack bound stops the allocation.
+        let n = 1_000_000;
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', n));
+        p.extend(std::iter::repeat_n(b'a', n - 1));
+        p.push(b'.');
+        match unpickle(&p) {
+            Err(PickleError::TooLarge { offset, message }) => {
+                assert!(message.contains("values on the stack"), "{message}");
+                assert_eq!(
+                    offset,
+                    2 + MAX_STACK,
+                    "refused at the first value over the bound"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The bound in bytes stays in the tens of MB.
+        assert!(MAX_STACK * std::mem::size_of::<Item>() < 64 << 20);
     }
 
     #[test]
