@@ -38,6 +38,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// A path as text for result files: valid UTF-8 as it is, and each byte of
+/// a name that is not UTF-8 as `\xNN` (instead of U+FFFD, so that two such
+/// names stay apart and the bytes can be recovered).
+pub fn path_text(path: &Path) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let mut out = String::new();
+        for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+            out.push_str(chunk.valid());
+            for b in chunk.invalid() {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out
+    }
+    #[cfg(not(unix))]
+    {
+        path.to_string_lossy().into_owned()
+    }
+}
+
+/// `text` with its control characters escaped (`\n`, `\t`, `\u{1b}`), for
+/// one-line-per-item output such as tables, where a newline in a file name
+/// would otherwise start a line of its own.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 /// Exclusive use of an output folder for the life of this value: a second
 /// run started on the same folder is refused instead of interleaving its
 /// checkpoints and logs with the first. The lock is the OS's advisory lock on
@@ -93,6 +127,24 @@ impl OutputLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_text_keeps_non_utf8_bytes_apart_and_controls_are_escaped() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let a = Path::new(std::ffi::OsStr::from_bytes(b"bad\xff\xfe.png"));
+            let b = Path::new(std::ffi::OsStr::from_bytes(b"bad\xfe\xff.png"));
+            assert_eq!(path_text(a), "bad\\xff\\xfe.png");
+            assert_ne!(path_text(a), path_text(b));
+        }
+        assert_eq!(path_text(Path::new("caf\u{e9}.png")), "caf\u{e9}.png");
+        assert_eq!(
+            escape_controls("new\nline\t\u{1b}.png"),
+            "new\\nline\\t\\u{1b}.png"
+        );
+        assert_eq!(escape_controls("quo\"te,comma"), "quo\"te,comma");
+    }
 
     #[test]
     fn an_output_folder_is_locked_until_its_holder_is_dropped() {

@@ -430,3 +430,82 @@ fn weights_holding_nan_or_inf_load_with_a_warning_naming_them() {
         "{err}"
     );
 }
+
+#[test]
+fn awkward_file_names_survive_every_output_format() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = temp_dir("names");
+    let names: [&[u8]; 4] = [
+        b"new\nline.png",
+        b"quo\"te,comma.png",
+        b"bad\xff\xfe.png",
+        b"tab\there.png",
+    ];
+    for n in names {
+        std::fs::copy(
+            root().join("assets/photos/chelsea.png"),
+            dir.join(std::ffi::OsStr::from_bytes(n)),
+        )
+        .unwrap();
+    }
+    let (w, c) = tiny();
+    let run = |format: &str| {
+        let out = beitv2(
+            &[
+                "classify",
+                "--weights",
+                w.to_str().unwrap(),
+                "--config",
+                c.to_str().unwrap(),
+                "--format",
+                format,
+                "--top-k",
+                "1",
+                dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let d = dir.to_str().unwrap();
+    let mut want: Vec<String> = [
+        "new\nline.png",
+        "quo\"te,comma.png",
+        "bad\\xff\\xfe.png",
+        "tab\there.png",
+    ]
+    .iter()
+    .map(|n| format!("{d}/{n}"))
+    .collect();
+    want.sort();
+    // JSON: one object per line, the exact names back.
+    let json = run("json");
+    let mut got: Vec<String> = json
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+    // CSV (RFC 4180): fields with a comma, quote or newline are quoted, quotes doubled.
+    let csv = run("csv");
+    for (name, field) in [
+        ("new\nline.png", format!("\"{d}/new\nline.png\",")),
+        ("quote", format!("\"{d}/quo\"\"te,comma.png\",")),
+        ("non-UTF-8", format!("{d}/bad\\xff\\xfe.png,")),
+    ] {
+        assert!(csv.contains(&field), "{name}: {csv}");
+    }
+    // Table: every image takes exactly its two lines; control characters are escaped.
+    let table = run("table");
+    assert_eq!(table.lines().count(), 2 * names.len(), "{table}");
+    assert!(
+        table.contains("new\\nline.png") && table.contains("tab\\there.png"),
+        "{table}"
+    );
+}

@@ -82,7 +82,7 @@ fn write_result(out: &mut impl Write, format: Format, r: &ImageResult) -> Result
             }
         }
         Format::Table => {
-            writeln!(out, "{}", r.path)?;
+            writeln!(out, "{}", crate::util::escape_controls(&r.path))?;
             for (rank, p) in r.top_k.iter().enumerate() {
                 writeln!(
                     out,
@@ -135,7 +135,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             let probs = model.predict_proba(&x)?.to_vec2::<f32>()?;
             for (p, row) in ok_paths.iter().zip(&probs) {
                 let r = ImageResult {
-                    path: p.display().to_string(),
+                    path: crate::util::path_text(p),
                     top_k: top_k(row, k)
                         .into_iter()
                         .map(|(i, s)| Prediction {

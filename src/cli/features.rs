@@ -165,7 +165,7 @@ pub fn run(args: FeaturesArgs) -> Result<()> {
         for (p, r) in chunk.iter().zip(load_batch(chunk, &transform)) {
             match r {
                 Ok(v) => {
-                    names.push(p.display().to_string());
+                    names.push(crate::util::path_text(p));
                     items.push(v);
                 }
                 Err(e) => {

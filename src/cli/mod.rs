@@ -230,7 +230,11 @@ pub fn finish_batch(failures: &[(PathBuf, anyhow::Error)], total: usize) -> Resu
     }
     eprintln!("{} of {total} images failed:", failures.len());
     for (p, e) in failures {
-        eprintln!("  {}: {e:#}", p.display());
+        let name = crate::util::escape_controls(&crate::util::path_text(p));
+        eprintln!(
+            "  {name}: {}",
+            crate::util::escape_controls(&format!("{e:#}"))
+        );
     }
     bail!(
         "{} of {total} images could not be processed",

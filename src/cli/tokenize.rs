@@ -131,13 +131,13 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
                 match args.format {
                     TokenFormat::Json => {
                         let v = serde_json::json!({
-                            "path": p.display().to_string(),
+                            "path": crate::util::path_text(p),
                             "tokens": grid.to_vec2::<i64>()?,
                         });
                         pb.suspend(|| writeln!(out, "{v}"))?;
                     }
                     _ => {
-                        names.push(p.display().to_string());
+                        names.push(crate::util::path_text(p));
                         grids.push(grid);
                     }
                 }
