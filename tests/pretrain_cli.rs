@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{metrics_without_time, write_class_folders};
+use common::{
+    kill_resume_trials, kill_trials, metrics_without_time, sorted_weights, write_class_folders,
+};
 
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -80,17 +82,6 @@ fn beitv2(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn weights(p: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut v: Vec<(String, Vec<f32>)> =
-        candle_core::safetensors::load(p, &candle_core::Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-            .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
     let tmp = std::env::temp_dir().join(format!("beitv2-pretrain-{}", std::process::id()));
@@ -142,8 +133,8 @@ fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
     );
 
     let (wa, wb) = (
-        weights(&a.join("out/pretrain-last.safetensors")),
-        weights(&b.join("out/pretrain-last.safetensors")),
+        sorted_weights(&a.join("out/pretrain-last.safetensors")),
+        sorted_weights(&b.join("out/pretrain-last.safetensors")),
     );
     assert_eq!(wa.len(), wb.len());
     for ((ka, va), (kb, vb)) in wa.iter().zip(&wb) {
@@ -191,7 +182,7 @@ fn sigkilled_pretraining_resumes_exactly_and_fine_tunes() {
         "{}",
         String::from_utf8_lossy(&conv.stderr)
     );
-    let keys: Vec<String> = weights(&ft).into_iter().map(|(k, _)| k).collect();
+    let keys: Vec<String> = sorted_weights(&ft).into_iter().map(|(k, _)| k).collect();
     assert!(keys.contains(&"blocks.2.attn.relative_position_bias_table".to_string()));
     assert!(
         !keys.iter().any(|k| k.starts_with("lm_head")
@@ -273,6 +264,50 @@ fn mismatched_tokenizers_and_mask_counts_are_refused_before_any_step() {
     assert!(
         !tmp.join("out/checkpoints/step-00000001.safetensors")
             .exists()
+    );
+    std::fs::remove_dir_all(tmp).unwrap();
+}
+
+/// SIGKILL at random moments, then resume: the end state is the
+/// uninterrupted run's. `BEITV2_KILL_TRIALS=25` for the long check.
+#[test]
+fn sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-pretrain-kill-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_class_folders(&data, 24, (40, 36));
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    let ra = recipe(&a, &data, &a.join("out"));
+    let rb = recipe(&b, &data, &b.join("out"));
+    let t0 = std::time::Instant::now();
+    let run_a = beitv2(&["pretrain", "--recipe", ra.to_str().unwrap()]);
+    let span = t0.elapsed();
+    assert!(
+        run_a.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run_a.stderr)
+    );
+    let want = sorted_weights(&a.join("out/pretrain-last.safetensors"));
+    let want_metrics = metrics_without_time(&a.join("out"));
+    let trials = kill_trials(2);
+    let landed = kill_resume_trials(
+        &["pretrain", "--recipe", rb.to_str().unwrap()],
+        &b.join("out"),
+        span,
+        trials,
+        |out, trial| {
+            assert!(
+                sorted_weights(&out.join("pretrain-last.safetensors")) == want,
+                "trial {trial}: weights differ"
+            );
+            assert!(
+                metrics_without_time(out) == want_metrics,
+                "trial {trial}: metrics differ"
+            );
+        },
+    );
+    eprintln!(
+        "{trials} trials, {landed} of {} kills landed in a running process",
+        2 * trials
     );
     std::fs::remove_dir_all(tmp).unwrap();
 }

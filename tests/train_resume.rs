@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{metrics_without_time, write_class_folders};
+use common::{
+    kill_resume_trials, kill_trials, metrics_without_time, sorted_weights, write_class_folders,
+};
 
 fn recipe(dir: &Path, data: &Path, out: &Path) -> PathBuf {
     let cfg = dir.join("tiny.json");
@@ -146,4 +148,63 @@ fn an_epoch_count_whose_steps_overflow_is_refused() {
         "{err}"
     );
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// SIGKILL at random moments (during start-up, steps, checkpoint writes,
+/// evaluation or export), then resume: the end state is the uninterrupted
+/// run's, bit for bit. `BEITV2_KILL_TRIALS=25` for the long check.
+#[test]
+fn sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-killrand-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_class_folders(&data, 8, (20, 18));
+    let (a_dir, b_dir) = (tmp.join("a"), tmp.join("b"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let ra = recipe(&a_dir, &data, &a_dir.join("out"));
+    let rb = recipe(&b_dir, &data, &b_dir.join("out"));
+    let t0 = std::time::Instant::now();
+    let a = finetune(&ra, None);
+    let span = t0.elapsed();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let want = sorted_weights(&a_dir.join("out/model-last.safetensors"));
+    let want_metrics = metrics_without_time(&a_dir.join("out"));
+    let trials = kill_trials(3);
+    let landed = kill_resume_trials(
+        &["finetune", "--recipe", rb.to_str().unwrap()],
+        &b_dir.join("out"),
+        span,
+        trials,
+        |out, trial| {
+            let got = sorted_weights(&out.join("model-last.safetensors"));
+            let differ: Vec<_> = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g != w)
+                .map(|(g, _)| g.0.clone())
+                .collect();
+            assert!(
+                got.len() == want.len() && differ.is_empty(),
+                "trial {trial}: weights differ in {differ:?}"
+            );
+            let got = metrics_without_time(out);
+            let show = |m: &[serde_json::Value]| {
+                m.iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            };
+            assert!(
+                got == want_metrics,
+                "trial {trial}: metrics differ:\ngot\n  {}\nwant\n  {}",
+                show(&got),
+                show(&want_metrics)
+            );
+        },
+    );
+    eprintln!(
+        "{trials} trials, {landed} of {} kills landed in a running process",
+        2 * trials
+    );
+    std::fs::remove_dir_all(tmp).unwrap();
 }

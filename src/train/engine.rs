@@ -639,7 +639,10 @@ pub fn run<T: SampleTransform + 'static>(
         .and_then(|v| v.parse().ok());
     let start = std::time::Instant::now();
     let mut skipped = std::collections::BTreeSet::new();
-    while progress.epoch < schedule.epochs && !done(&progress) {
+    let mut exported = false;
+    // A checkpoint taken at the last step but before its epoch's end
+    // (`batch > 0`) still owes that end: evaluation, logs, the final export.
+    while progress.epoch < schedule.epochs && (!done(&progress) || progress.batch > 0) {
         let epoch = progress.epoch;
         let pb = epoch_bar(per_epoch, &progress, schedule.epochs);
         // Whole optimiser steps only: a trailing partial accumulation group is dropped.
@@ -654,6 +657,9 @@ pub fn run<T: SampleTransform + 'static>(
             .iter_epoch(epoch as u64, progress.batch)
             .take(usable.saturating_sub(progress.batch))
         {
+            if done(&progress) {
+                break;
+            }
             report_failures(&b);
             skipped.extend(b.failures.iter().map(|(name, _)| name.clone()));
             let mut rng = step_rng(run.seed, progress.step * accum as u64 + micro as u64);
@@ -743,6 +749,12 @@ pub fn run<T: SampleTransform + 'static>(
             }
         }
         checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
+        obj.export(out, false)?;
+        exported = true;
+    }
+    if !exported {
+        // Resumed from the final checkpoint: the run that wrote it may have
+        // been killed before its export, leaving an older model-last.
         obj.export(out, false)?;
     }
     log.plot(&obj.charts(), &out.join("curves.png"))?;

@@ -103,3 +103,101 @@ pub fn metrics_without_time(out: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// Trials of the kill-resume harness: `BEITV2_KILL_TRIALS` (CI runs the
+/// default; the documented long check sets 25).
+pub fn kill_trials(default: usize) -> usize {
+    std::env::var("BEITV2_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// SIGKILLs `beitv2 ARGS` (a training command writing to `out`) at random
+/// moments, then runs it to the end, `trials` times from a clean `out`; after
+/// each trial `check(out, trial)` compares the end state with an
+/// uninterrupted run's. Each trial kills twice: once within the first
+/// `span`, once at a random moment of the resumed run. Returns the number of
+/// kills that landed while the process was still running.
+pub fn kill_resume_trials(
+    args: &[&str],
+    out: &Path,
+    span: std::time::Duration,
+    trials: usize,
+    mut check: impl FnMut(&Path, usize),
+) -> usize {
+    use std::process::{Command, Stdio};
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut landed = 0;
+    for trial in 0..trials {
+        if out.exists() {
+            std::fs::remove_dir_all(out).unwrap();
+        }
+        for _ in 0..2 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let delay = span.mul_f64((state >> 11) as f64 / (1u64 << 53) as f64);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_beitv2"))
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(delay);
+            let running = child.try_wait().unwrap().is_none();
+            landed += running as usize;
+            if std::env::var_os("BEITV2_KILL_VERBOSE").is_some() {
+                eprintln!("trial {trial}: kill after {delay:?} (running: {running})");
+            }
+            let _ = child.kill(); // SIGKILL on Unix
+            child.wait().unwrap();
+        }
+        if std::env::var_os("BEITV2_KILL_VERBOSE").is_some() {
+            let mut files: Vec<_> = walk(out);
+            files.sort();
+            eprintln!("trial {trial}: left {files:?}");
+        }
+        let done = Command::new(env!("CARGO_BIN_EXE_beitv2"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            done.status.success(),
+            "trial {trial}: the resumed run failed: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        check(out, trial);
+    }
+    landed
+}
+
+/// Every file under `dir` with its size, relative to `dir`.
+fn walk(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, e.metadata().map(|m| m.len()).unwrap_or(0)));
+            }
+        }
+    }
+    out
+}
+
+/// Every tensor of a safetensors file as (name, f32 values), sorted by name,
+/// for exact comparisons of two runs' weights.
+pub fn sorted_weights(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<(String, Vec<f32>)> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
