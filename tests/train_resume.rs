@@ -208,3 +208,100 @@ fn sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run() {
     );
     std::fs::remove_dir_all(tmp).unwrap();
 }
+
+/// The same for `train-tokenizer` (VQ-KD with codebook EMA and restarts in
+/// its resumable state), with the tiny fixture BEiT as the teacher.
+#[test]
+fn sigkilled_tokenizer_training_resumes_exactly() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-tok-kill-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_class_folders(&data, 12, (40, 36));
+    let teacher = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/v2_avg");
+    let write = |name: &str| {
+        let dir = tmp.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!(
+            r#"
+[shapes]
+img_size = 32
+patch_size = 8
+embed_dim = 16
+depth = 1
+num_heads = 2
+code_dim = 8
+n_codes = 16
+decoder_depth = 1
+decoder_out_dim = 16
+[teacher]
+kind = "beit"
+weights = "{w}"
+config = "{c}"
+[data]
+train = "{data}"
+batch_size = 4
+workers = 2
+min_crop_scale = 0.5
+limit = 0
+[optim]
+lr = 1e-3
+min_lr = 1e-5
+weight_decay = 1e-4
+betas = [0.9, 0.99]
+eps = 1e-8
+layer_decay = 1.0
+clip_grad = 0.0
+[schedule]
+epochs = 2
+warmup_epochs = 0
+[quantizer]
+decay = 0.99
+kmeans_iters = 2
+restart_every = 2
+[run]
+seed = 3
+output = "{out}"
+ckpt_every = 2
+keep_last = 2
+"#,
+            w = teacher.join("timm.safetensors").display(),
+            c = teacher.join("config.json").display(),
+            data = data.display(),
+            out = dir.join("out").display()
+        );
+        let p = dir.join("tokenizer.toml");
+        std::fs::write(&p, text).unwrap();
+        (p, dir.join("out"))
+    };
+    let ((ra, out_a), (rb, out_b)) = (write("a"), write("b"));
+    let t0 = std::time::Instant::now();
+    let a = Command::new(env!("CARGO_BIN_EXE_beitv2"))
+        .args(["train-tokenizer", "--recipe", ra.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let span = t0.elapsed();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let want = sorted_weights(&out_a.join("tokenizer-last.safetensors"));
+    let want_metrics = metrics_without_time(&out_a);
+    let trials = kill_trials(2);
+    let landed = kill_resume_trials(
+        &["train-tokenizer", "--recipe", rb.to_str().unwrap()],
+        &out_b,
+        span,
+        trials,
+        |out, trial| {
+            assert!(
+                sorted_weights(&out.join("tokenizer-last.safetensors")) == want,
+                "trial {trial}: weights differ"
+            );
+            assert!(
+                metrics_without_time(out) == want_metrics,
+                "trial {trial}: metrics differ"
+            );
+        },
+    );
+    eprintln!(
+        "{trials} trials, {landed} of {} kills landed in a running process",
+        2 * trials
+    );
+    std::fs::remove_dir_all(tmp).unwrap();
+}
