@@ -305,3 +305,51 @@ keep_last = 2
     );
     std::fs::remove_dir_all(tmp).unwrap();
 }
+
+/// A disk that fills up mid-run: the run stops naming the failed write and
+/// the intact checkpoint; after space is freed the same command resumes and
+/// ends with the uninterrupted run's weights. Needs root (it mounts a 300 KB
+/// tmpfs): `sudo cargo test --release --test train_resume -- --ignored full_disk`.
+#[test]
+#[ignore = "needs root to mount a small tmpfs"]
+fn full_disk_keeps_the_last_checkpoint_and_resumes_after_space_is_freed() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-fulldisk-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_class_folders(&data, 8, (20, 18));
+    let (a_dir, small) = (tmp.join("a"), tmp.join("small"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&small).unwrap();
+    let mount = |opts: &str| {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs", small.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -o {opts} failed (run as root)");
+    };
+    mount("size=300k");
+    let ra = recipe(&a_dir, &data, &a_dir.join("out"));
+    let rb = recipe(&a_dir.join(".."), &data, &small.join("out"));
+    assert!(finetune(&ra, None).status.success());
+    let full = finetune(&rb, None);
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert!(!full.status.success());
+    assert!(
+        err.contains("the disk is full; the newest complete checkpoint")
+            && err.contains("No space left on device"),
+        "{err}"
+    );
+    mount("remount,size=2m");
+    let done = finetune(&rb, None);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(
+        sorted_weights(&small.join("out/model-last.safetensors")),
+        sorted_weights(&a_dir.join("out/model-last.safetensors"))
+    );
+    Command::new("umount").arg(&small).status().unwrap();
+    std::fs::remove_dir_all(tmp).unwrap();
+}

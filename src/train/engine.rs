@@ -595,6 +595,41 @@ pub fn run<T: SampleTransform + 'static>(
     recipe: &impl Serialize,
     resume: bool,
 ) -> Result<()> {
+    run_steps(obj, loader, cfg, recipe, resume).map_err(|e| disk_full_hint(e, &cfg.run.output))
+}
+
+/// A full disk stops the run with the write that failed (checkpoints and
+/// exports go through a temporary file, so nothing complete is damaged);
+/// this adds what is still intact and how to continue.
+fn disk_full_hint(e: anyhow::Error, out: &Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+    });
+    if !full {
+        return e;
+    }
+    match latest_checkpoint(out) {
+        Some(ck) => e.context(format!(
+            "the disk is full; the newest complete checkpoint, {}, is intact: free some space \
+             and run the same command again to resume from it",
+            ck.display()
+        )),
+        None => e.context(format!(
+            "the disk is full before the first checkpoint of {} was written: free some space and \
+             run the command again",
+            out.display()
+        )),
+    }
+}
+
+fn run_steps<T: SampleTransform + 'static>(
+    obj: &mut dyn Objective,
+    loader: &Loader<T>,
+    cfg: &LoopConfig,
+    recipe: &impl Serialize,
+    resume: bool,
+) -> Result<()> {
     let (schedule, run) = (cfg.schedule, cfg.run);
     let out = &run.output;
     let per_epoch = loader.batches_per_epoch();
