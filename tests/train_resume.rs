@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{
-    kill_resume_trials, kill_trials, metrics_without_time, sorted_weights, write_class_folders,
-};
+use common::{kill_resume_trials, metrics_without_time, sorted_weights, write_class_folders};
 
 fn recipe(dir: &Path, data: &Path, out: &Path) -> PathBuf {
     let cfg = dir.join("tiny.json");
@@ -167,44 +165,13 @@ fn sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run() {
     let a = finetune(&ra, None);
     let span = t0.elapsed();
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
-    let want = sorted_weights(&a_dir.join("out/model-last.safetensors"));
-    let want_metrics = metrics_without_time(&a_dir.join("out"));
-    let trials = kill_trials(3);
-    let landed = kill_resume_trials(
+    kill_resume_trials(
         &["finetune", "--recipe", rb.to_str().unwrap()],
         &b_dir.join("out"),
+        &a_dir.join("out"),
+        "model-last.safetensors",
         span,
-        trials,
-        |out, trial| {
-            let got = sorted_weights(&out.join("model-last.safetensors"));
-            let differ: Vec<_> = got
-                .iter()
-                .zip(&want)
-                .filter(|(g, w)| g != w)
-                .map(|(g, _)| g.0.clone())
-                .collect();
-            assert!(
-                got.len() == want.len() && differ.is_empty(),
-                "trial {trial}: weights differ in {differ:?}"
-            );
-            let got = metrics_without_time(out);
-            let show = |m: &[serde_json::Value]| {
-                m.iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n  ")
-            };
-            assert!(
-                got == want_metrics,
-                "trial {trial}: metrics differ:\ngot\n  {}\nwant\n  {}",
-                show(&got),
-                show(&want_metrics)
-            );
-        },
-    );
-    eprintln!(
-        "{trials} trials, {landed} of {} kills landed in a running process",
-        2 * trials
+        3,
     );
     std::fs::remove_dir_all(tmp).unwrap();
 }
@@ -280,28 +247,13 @@ keep_last = 2
         .unwrap();
     let span = t0.elapsed();
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
-    let want = sorted_weights(&out_a.join("tokenizer-last.safetensors"));
-    let want_metrics = metrics_without_time(&out_a);
-    let trials = kill_trials(2);
-    let landed = kill_resume_trials(
+    kill_resume_trials(
         &["train-tokenizer", "--recipe", rb.to_str().unwrap()],
         &out_b,
+        &out_a,
+        "tokenizer-last.safetensors",
         span,
-        trials,
-        |out, trial| {
-            assert!(
-                sorted_weights(&out.join("tokenizer-last.safetensors")) == want,
-                "trial {trial}: weights differ"
-            );
-            assert!(
-                metrics_without_time(out) == want_metrics,
-                "trial {trial}: metrics differ"
-            );
-        },
-    );
-    eprintln!(
-        "{trials} trials, {landed} of {} kills landed in a running process",
-        2 * trials
+        2,
     );
     std::fs::remove_dir_all(tmp).unwrap();
 }

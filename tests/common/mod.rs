@@ -114,19 +114,24 @@ pub fn kill_trials(default: usize) -> usize {
 }
 
 /// SIGKILLs `beitv2 ARGS` (a training command writing to `out`) at random
-/// moments, then runs it to the end, `trials` times from a clean `out`; after
-/// each trial `check(out, trial)` compares the end state with an
-/// uninterrupted run's. Each trial kills twice: once within the first
-/// `span`, once at a random moment of the resumed run. Returns the number of
-/// kills that landed while the process was still running.
+/// moments, then runs it to the end, `trials` times from a clean `out`
+/// (`trials` from [`kill_trials`]). Each trial kills twice: once within
+/// `span` (the uninterrupted run's duration), once at a random moment of the
+/// resumed run. After each trial, `out/WEIGHTS` and every metrics record must
+/// equal those of the uninterrupted run in `reference`, bit for bit.
 pub fn kill_resume_trials(
     args: &[&str],
     out: &Path,
+    reference: &Path,
+    weights: &str,
     span: std::time::Duration,
-    trials: usize,
-    mut check: impl FnMut(&Path, usize),
-) -> usize {
+    default_trials: usize,
+) {
     use std::process::{Command, Stdio};
+    let want = sorted_weights(&reference.join(weights));
+    let want_metrics = metrics_without_time(reference);
+    let verbose = std::env::var_os("BEITV2_KILL_VERBOSE").is_some();
+    let trials = kill_trials(default_trials);
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut landed = 0;
     for trial in 0..trials {
@@ -147,14 +152,14 @@ pub fn kill_resume_trials(
             std::thread::sleep(delay);
             let running = child.try_wait().unwrap().is_none();
             landed += running as usize;
-            if std::env::var_os("BEITV2_KILL_VERBOSE").is_some() {
+            if verbose {
                 eprintln!("trial {trial}: kill after {delay:?} (running: {running})");
             }
             let _ = child.kill(); // SIGKILL on Unix
             child.wait().unwrap();
         }
-        if std::env::var_os("BEITV2_KILL_VERBOSE").is_some() {
-            let mut files: Vec<_> = walk(out);
+        if verbose {
+            let mut files = walk(out);
             files.sort();
             eprintln!("trial {trial}: left {files:?}");
         }
@@ -167,9 +172,36 @@ pub fn kill_resume_trials(
             "trial {trial}: the resumed run failed: {}",
             String::from_utf8_lossy(&done.stderr)
         );
-        check(out, trial);
+        let got = sorted_weights(&out.join(weights));
+        let differ: Vec<&str> = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| g != w)
+            .map(|(g, _)| g.0.as_str())
+            .collect();
+        assert!(
+            got.len() == want.len() && differ.is_empty(),
+            "trial {trial}: weights differ in {differ:?}"
+        );
+        let got = metrics_without_time(out);
+        let show = |m: &[serde_json::Value]| {
+            m.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        };
+        assert!(
+            got == want_metrics,
+            "trial {trial}: metrics differ:\ngot\n  {}\nwant\n  {}",
+            show(&got),
+            show(&want_metrics)
+        );
     }
-    landed
+    eprintln!(
+        "{}: {trials} trials passed, {landed} of {} kills landed in a running process",
+        args[0],
+        2 * trials
+    );
 }
 
 /// Every file under `dir` with its size, relative to `dir`.
