@@ -37,9 +37,12 @@ fn temp_dir(name: &str) -> PathBuf {
 fn classify_json_skips_bad_images_and_fails_at_the_end() {
     let (w, c) = tiny();
     let imgs = root().join("tests/fixtures/images");
+    let failed = temp_dir("failures").join("failed.jsonl");
     let out = beitv2(
         &[
             "classify",
+            "--failures",
+            failed.to_str().unwrap(),
             "--weights",
             w.to_str().unwrap(),
             "--config",
@@ -83,6 +86,17 @@ fn classify_json_skips_bad_images_and_fails_at_the_end() {
         "{stderr}"
     );
     assert!(stderr.contains("2 of 4 images"), "{stderr}");
+    // The same two, machine-readable.
+    let listed: Vec<serde_json::Value> = std::fs::read_to_string(&failed)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2);
+    for (v, name) in listed.iter().zip(["truncated.png", "not_an_image.jpg"]) {
+        assert!(v["path"].as_str().unwrap().ends_with(name), "{v}");
+        assert!(!v["error"].as_str().unwrap().is_empty(), "{v}");
+    }
 }
 
 #[test]

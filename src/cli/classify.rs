@@ -32,6 +32,10 @@ pub struct ClassifyArgs {
     /// Class names, one per line (default: bundled ImageNet-1k names).
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
+    /// Also write the images that could not be read or processed to FILE, one
+    /// JSON object per line: {"path": …, "error": …} (empty when none failed).
+    #[arg(long, value_name = "FILE")]
+    pub failures: Option<PathBuf>,
     /// Image files, folders or globs.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -152,7 +156,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     }
     pb.finish_and_clear();
     out.flush()?;
-    finish_batch(&failures, paths.len())
+    finish_batch(&failures, paths.len(), args.failures.as_deref())
 }
 
 #[cfg(test)]

@@ -41,6 +41,10 @@ pub struct FeaturesArgs {
     /// Output file: .safetensors or .npy.
     #[arg(long, short)]
     pub output: PathBuf,
+    /// Also write the images that could not be read or processed to FILE, one
+    /// JSON object per line: {"path": …, "error": …} (empty when none failed).
+    #[arg(long, value_name = "FILE")]
+    pub failures: Option<PathBuf>,
     /// Image files, folders or globs.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -190,7 +194,7 @@ pub fn run(args: FeaturesArgs) -> Result<()> {
             args.output.display()
         );
     }
-    finish_batch(&failures, paths.len())
+    finish_batch(&failures, paths.len(), args.failures.as_deref())
 }
 
 #[cfg(test)]

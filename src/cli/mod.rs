@@ -15,7 +15,7 @@ use crate::data::EvalTransform;
 use crate::model::{Beit, BeitConfig, RelPosInterp};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -223,8 +223,24 @@ pub fn run(cli: Cli) -> Result<()> {
 
 pub use crate::report::{init_logging, progress};
 
-/// Reports per-item failures of a batch job and turns them into an error.
-pub fn finish_batch(failures: &[(PathBuf, anyhow::Error)], total: usize) -> Result<()> {
+/// Reports per-item failures of a batch job (on stderr, and as JSON lines in
+/// `list` when given) and turns them into an error.
+pub fn finish_batch(
+    failures: &[(PathBuf, anyhow::Error)],
+    total: usize,
+    list: Option<&Path>,
+) -> Result<()> {
+    if let Some(list) = list {
+        let text: String = failures
+            .iter()
+            .map(|(p, e)| {
+                let v = serde_json::json!({"path": crate::util::path_text(p), "error": format!("{e:#}")});
+                format!("{v}\n")
+            })
+            .collect();
+        crate::util::write_atomic(list, text.as_bytes())
+            .with_context(|| format!("writing the list of failed images {}", list.display()))?;
+    }
     if failures.is_empty() {
         return Ok(());
     }

@@ -45,6 +45,10 @@ pub struct TokenizeArgs {
     pub stats_plot: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Also write the images that could not be read or processed to FILE, one
+    /// JSON object per line: {"path": …, "error": …} (empty when none failed).
+    #[arg(long, value_name = "FILE")]
+    pub failures: Option<PathBuf>,
     /// Image files, folders or globs.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -186,5 +190,5 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         save_png(&chart, plot)?;
     }
     out.flush()?;
-    finish_batch(&failures, paths.len())
+    finish_batch(&failures, paths.len(), args.failures.as_deref())
 }
