@@ -435,6 +435,29 @@ impl ResidualOp {
     fn scale(&self, b: usize) -> f32 {
         self.sample_scale.as_ref().map_or(1.0, |s| s[b])
     }
+
+    /// (channels, elements per sample) after checking that x and y are one
+    /// (B, …, C) shape, γ has C values and s has B.
+    fn check(&self, x: &Shape, y: &Shape, c: usize) -> Result<(usize, usize)> {
+        let dims = x.dims();
+        if x != y || dims.len() < 2 || dims.last() != Some(&c) {
+            candle_core::bail!(
+                "residual: input {:?}, branch {:?}, layer scale of {c}",
+                dims,
+                y.dims()
+            );
+        }
+        if let Some(s) = &self.sample_scale
+            && s.len() != dims[0]
+        {
+            candle_core::bail!(
+                "residual: {} drop-path factors for a batch of {}",
+                s.len(),
+                dims[0]
+            );
+        }
+        Ok((c, x.elem_count() / dims[0]))
+    }
 }
 
 impl CustomOp3 for ResidualOp {
@@ -528,31 +551,6 @@ impl CustomOp3 for ResidualOp {
             Some(Tensor::from_vec(dy, y.shape(), dev)?),
             Some(Tensor::from_vec(dgamma, gamma.shape(), dev)?),
         ))
-    }
-}
-
-impl ResidualOp {
-    /// (channels, elements per sample) after checking that x and y are one
-    /// (B, …, C) shape, γ has C values and s has B.
-    fn check(&self, x: &Shape, y: &Shape, c: usize) -> Result<(usize, usize)> {
-        let dims = x.dims();
-        if x != y || dims.len() < 2 || dims.last() != Some(&c) {
-            candle_core::bail!(
-                "residual: input {:?}, branch {:?}, layer scale of {c}",
-                dims,
-                y.dims()
-            );
-        }
-        if let Some(s) = &self.sample_scale
-            && s.len() != dims[0]
-        {
-            candle_core::bail!(
-                "residual: {} drop-path factors for a batch of {}",
-                s.len(),
-                dims[0]
-            );
-        }
-        Ok((c, x.elem_count() / dims[0]))
     }
 }
 

@@ -157,10 +157,8 @@ pub fn set_cap(level: Option<Isa>) -> Result<(), String> {
                     detected()
                 ));
             }
-            CAP.store(
-                Isa::ALL.iter().position(|x| *x == l).unwrap_or(0) as u8,
-                Ordering::Relaxed,
-            );
+            // The discriminants are the positions in `Isa::ALL`.
+            CAP.store(l as u8, Ordering::Relaxed);
         }
     }
     Ok(())
