@@ -1,5 +1,6 @@
 //! `beitv2 classify`: top-k ImageNet (or custom) classes per image.
 
+use super::batch::{self, Done, TextSink};
 use super::{ModelArgs, PreprocessArgs, finish_batch, inputs, progress, stack_batch};
 use crate::data::load_batch;
 use anyhow::Result;
@@ -36,10 +37,19 @@ pub struct ClassifyArgs {
     /// JSON object per line: {"path": …, "error": …} (empty when none failed).
     #[arg(long, value_name = "FILE")]
     pub failures: Option<PathBuf>,
+    /// Write the results to FILE (synced after every batch) instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Continue an interrupted run: keep the complete results in --output
+    /// (json or csv) and classify only the images not in it.
+    #[arg(long, requires = "output")]
+    pub resume: bool,
     /// Image files, folders or globs.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
 }
+
+const CSV_HEADER: &str = "path,rank,class_index,label,score";
 
 #[derive(Serialize)]
 struct Prediction<'a> {
@@ -112,17 +122,40 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let labels = inputs::labels(args.labels.as_deref(), cfg.num_classes)?;
     let transform = args.pre.transform(cfg)?;
     let k = args.top_k.clamp(1, cfg.num_classes);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if matches!(args.format, Format::Csv) {
-        writeln!(out, "path,rank,class_index,label,score")?;
+    let (mut sink, done) = match &args.output {
+        None => (TextSink::Stdout(std::io::stdout()), Done::default()),
+        Some(path) => {
+            let done = match (args.resume, args.format) {
+                (false, _) => Done::default(),
+                (true, Format::Json) => batch::json_lines_done(path, |v| {
+                    let n = v["top_k"].as_array().map_or(0, |a| a.len());
+                    if n != k {
+                        anyhow::bail!("{n} classes per image, not --top-k {k}");
+                    }
+                    Ok(())
+                })?,
+                (true, Format::Csv) => batch::csv_done(path, CSV_HEADER, k)?,
+                (true, Format::Table) => {
+                    anyhow::bail!("--resume reads --format json or csv, not the table")
+                }
+            };
+            (TextSink::file(path, done.len)?, done)
+        }
+    };
+    let todo = match &args.output {
+        Some(path) => batch::remaining(&paths, &done, path),
+        None => paths.iter().collect(),
+    };
+    if matches!(args.format, Format::Csv) && done.len == 0 {
+        sink.write(&format!("{CSV_HEADER}\n"))?;
     }
-    let pb = progress(paths.len(), "classifying");
+    let pb = progress(todo.len(), "classifying");
     let mut failures = Vec::new();
-    for chunk in paths.chunks(args.pre.batch_size) {
+    for chunk in todo.chunks(args.pre.batch_size) {
+        let chunk: Vec<PathBuf> = chunk.iter().map(|p| (*p).clone()).collect();
         let mut ok_paths = Vec::new();
         let mut items = Vec::new();
-        for (p, r) in chunk.iter().zip(load_batch(chunk, &transform)) {
+        for (p, r) in chunk.iter().zip(load_batch(&chunk, &transform)) {
             match r {
                 Ok(v) => {
                     ok_paths.push(p);
@@ -137,9 +170,10 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
         if !items.is_empty() {
             let x = stack_batch(items, cfg)?;
             let probs = model.predict_proba(&x)?.to_vec2::<f32>()?;
+            let mut text = Vec::new();
             for (p, row) in ok_paths.iter().zip(&probs) {
                 let r = ImageResult {
-                    path: crate::util::path_text(p),
+                    path: batch::key(p),
                     top_k: top_k(row, k)
                         .into_iter()
                         .map(|(i, s)| Prediction {
@@ -149,14 +183,14 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
                         })
                         .collect(),
                 };
-                pb.suspend(|| write_result(&mut out, args.format, &r))?;
+                write_result(&mut text, args.format, &r)?;
             }
+            pb.suspend(|| sink.write(&String::from_utf8_lossy(&text)))?;
         }
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    out.flush()?;
-    finish_batch(&failures, paths.len(), args.failures.as_deref())
+    finish_batch(&failures, todo.len(), args.failures.as_deref())
 }
 
 #[cfg(test)]

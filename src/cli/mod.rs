@@ -1,5 +1,6 @@
 //! The `beitv2` command line.
 
+mod batch;
 mod bench;
 mod classify;
 mod convert;

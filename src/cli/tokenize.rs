@@ -1,6 +1,7 @@
 //! `beitv2 tokenize`: images → VQ-KD visual-token grids, with optional
 //! codebook-usage statistics.
 
+use super::batch::{self, Done, RowSink, TextSink};
 use super::{finish_batch, inputs, progress};
 use crate::checkpoint::load_vqkd;
 use crate::data::{EvalTransform, load_batch};
@@ -14,7 +15,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TokenFormat {
-    /// One JSON object per image per line: {"path", "tokens": [[row], ...]}.
+    /// One JSON object per image per line: {"path", "tokens": [[row], ...]}
+    /// (to stdout, or to --output).
     Json,
     /// One int64 grid per image keyed by path (needs --output).
     Safetensors,
@@ -35,8 +37,14 @@ pub struct TokenizeArgs {
     pub config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = TokenFormat::Json)]
     pub format: TokenFormat,
+    /// Output file (json: JSON lines, default stdout; safetensors / npy:
+    /// streamed to OUTPUT.partial, the file built at the end).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Continue an interrupted run: keep the images already in --output and
+    /// tokenize only the rest (--stats counts both).
+    #[arg(long, requires = "output")]
+    pub resume: bool,
     /// Print codebook usage (histogram, perplexity, unused codes) as a final JSON line.
     #[arg(long)]
     pub stats: bool,
@@ -71,21 +79,27 @@ fn load(args: &TokenizeArgs) -> Result<Vqkd> {
 }
 
 pub fn run(args: TokenizeArgs) -> Result<()> {
-    match (&args.output, args.format) {
-        (None, TokenFormat::Json) => {}
-        (None, f) => bail!("--format {f:?} needs --output FILE"),
-        (Some(_), TokenFormat::Json) => {
-            bail!("--format json prints to stdout; use --format safetensors|npy with --output")
+    if let (Some(p), f @ (TokenFormat::Safetensors | TokenFormat::Npy)) =
+        (&args.output, args.format)
+    {
+        let kind = super::features::output_kind(p)?;
+        if kind != format!("{f:?}").to_lowercase() {
+            bail!(
+                "--format {f:?} does not match the output file {}",
+                p.display()
+            );
         }
-        (Some(p), f) => {
-            let kind = super::features::output_kind(p)?;
-            if kind != format!("{f:?}").to_lowercase() {
-                bail!(
-                    "--format {f:?} does not match the output file {}",
-                    p.display()
-                );
-            }
-        }
+    } else if let Some(p) = args
+        .output
+        .as_ref()
+        .filter(|p| super::features::output_kind(p).is_ok())
+    {
+        bail!(
+            "--format json writes JSON lines; for {} use --format safetensors or npy",
+            p.display()
+        );
+    } else if args.output.is_none() && args.format != TokenFormat::Json {
+        bail!("--format {:?} needs --output FILE", args.format);
     }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -101,17 +115,77 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         std: [1.0; 3],
     };
     let g = model.cfg.grid();
+    let n_codes = model.cfg.n_codes;
     let mut usage = Usage {
-        counts: vec![0; model.cfg.n_codes],
+        counts: vec![0; n_codes],
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let pb = progress(paths.len(), "tokenizing");
-    let (mut names, mut grids, mut failures) = (Vec::new(), Vec::new(), Vec::new());
-    for chunk in paths.chunks(args.batch_size) {
+    // Tokens already written by an interrupted run count in --stats too.
+    let mut count = |ids: &mut dyn Iterator<Item = i64>| -> Result<()> {
+        for id in ids {
+            match usize::try_from(id).ok().filter(|&i| i < n_codes) {
+                Some(i) => usage.counts[i] += 1,
+                None => bail!("token id {id} is outside this tokenizer's {n_codes} codes"),
+            }
+        }
+        Ok(())
+    };
+    let mut text_sink = None;
+    let mut rows = None;
+    let done = match (&args.output, args.format) {
+        (None, _) => {
+            text_sink = Some(TextSink::Stdout(std::io::stdout()));
+            Done::default()
+        }
+        (Some(path), TokenFormat::Json) => {
+            let done = if args.resume {
+                batch::json_lines_done(path, |v| {
+                    let grid: Vec<Vec<i64>> = serde_json::from_value(v["tokens"].clone())?;
+                    if grid.len() != g || grid.iter().any(|r| r.len() != g) {
+                        bail!("its token grid is not {g}x{g}");
+                    }
+                    count(&mut grid.into_iter().flatten())
+                })?
+            } else {
+                Done::default()
+            };
+            text_sink = Some(TextSink::file(path, done.len)?);
+            done
+        }
+        (Some(path), _) => {
+            let opened = RowSink::open(path, args.resume)?;
+            match opened.sink {
+                Some(mut sink) => {
+                    let mut bad = Ok(());
+                    sink.for_each_row(|row| {
+                        let mut ids = row
+                            .chunks_exact(8)
+                            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()));
+                        if bad.is_ok() {
+                            bad = count(&mut ids);
+                        }
+                    })?;
+                    bad.with_context(|| format!("resuming {}", path.display()))?;
+                    rows = Some(sink);
+                }
+                None => {
+                    let todo = batch::remaining(&paths, &opened.done, path);
+                    return batch::finished_output(path, &opened.done, todo.len());
+                }
+            }
+            opened.done
+        }
+    };
+    let todo = match &args.output {
+        Some(path) => batch::remaining(&paths, &done, path),
+        None => paths.iter().collect(),
+    };
+    let pb = progress(todo.len(), "tokenizing");
+    let mut failures = Vec::new();
+    for chunk in todo.chunks(args.batch_size) {
+        let chunk: Vec<PathBuf> = chunk.iter().map(|p| (*p).clone()).collect();
         let mut ok = Vec::new();
         let mut data = Vec::new();
-        for (p, r) in chunk.iter().zip(load_batch(chunk, &transform)) {
+        for (p, r) in chunk.iter().zip(load_batch(&chunk, &transform)) {
             match r {
                 Ok(v) => {
                     ok.push(p);
@@ -126,36 +200,39 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         if !ok.is_empty() {
             let x = Tensor::from_vec(data, (ok.len(), 3, s, s), &Device::Cpu)?;
             let ids = model.tokens(&Vqkd::preprocess(&x)?)?.to_dtype(DType::I64)?;
+            count(&mut ids.flatten_all()?.to_vec1::<i64>()?.into_iter())?;
+            let mut lines = String::new();
+            let mut grids = Vec::new();
             for (i, p) in ok.iter().enumerate() {
-                let row = ids.i(i)?;
-                for &id in &row.to_vec1::<i64>()? {
-                    usage.counts[id as usize] += 1;
-                }
-                let grid = row.reshape((g, g))?;
-                match args.format {
-                    TokenFormat::Json => {
+                let grid = ids.i(i)?.reshape((g, g))?;
+                match &rows {
+                    None => {
                         let v = serde_json::json!({
-                            "path": crate::util::path_text(p),
+                            "path": batch::key(p),
                             "tokens": grid.to_vec2::<i64>()?,
                         });
-                        pb.suspend(|| writeln!(out, "{v}"))?;
+                        lines.push_str(&format!("{v}\n"));
                     }
-                    _ => {
-                        names.push(crate::util::path_text(p));
-                        grids.push(grid);
-                    }
+                    Some(_) => grids.push((batch::key(p), grid)),
                 }
+            }
+            match (&mut rows, &mut text_sink) {
+                (Some(sink), _) => sink.push(&grids)?,
+                (None, Some(sink)) => pb.suspend(|| sink.write(&lines))?,
+                (None, None) => {}
             }
         }
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    if let (Some(path), false) = (&args.output, grids.is_empty()) {
-        super::features::write_output(path, &names, &grids)?;
+    if let Some(sink) = rows {
+        sink.finish()?;
     }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     if args.stats {
         let v = serde_json::json!({
-            "images": paths.len() - failures.len(),
+            "images": usage.total() / (g * g).max(1) as u64,
             "tokens": usage.total(),
             "codebook_size": usage.counts.len(),
             "used_codes": usage.counts.len() - usage.unused(),
@@ -190,5 +267,5 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
         save_png(&chart, plot)?;
     }
     out.flush()?;
-    finish_batch(&failures, paths.len(), args.failures.as_deref())
+    finish_batch(&failures, todo.len(), args.failures.as_deref())
 }
