@@ -8,6 +8,8 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hub;
 pub mod kernels;
 pub mod model;

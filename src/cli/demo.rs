@@ -236,7 +236,13 @@ fn stage(out: &Path, name: &str, f: impl FnOnce(&Path) -> Result<Value>) -> Resu
             out.display()
         )
     })?;
-    let wall = t0.elapsed().as_secs_f64();
+    // A stage resumed by a later demo run: its training time so far, from
+    // the metrics (cumulative over resumes), counts as well.
+    let trained = records(&dir, "train")
+        .ok()
+        .and_then(|r| r.last()?["elapsed_s"].as_f64())
+        .unwrap_or(0.0);
+    let wall = t0.elapsed().as_secs_f64().max(trained);
     if let Some(o) = v.as_object_mut() {
         o.insert("wall_s".into(), json!(wall));
         o.insert("stage".into(), json!(name));

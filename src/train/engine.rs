@@ -65,6 +65,10 @@ pub struct Progress {
     /// Whether a `best` export has been written.
     #[serde(default)]
     pub has_best: bool,
+    /// Seconds of training so far, over every run that led here (the
+    /// metrics' `elapsed_s` carries on from it after a resume).
+    #[serde(default)]
+    pub elapsed_s: f64,
 }
 
 /// Evaluation summary.
@@ -673,6 +677,8 @@ fn run_steps<T: SampleTransform + 'static>(
         .ok()
         .and_then(|v| v.parse().ok());
     let start = std::time::Instant::now();
+    let elapsed_before = progress.elapsed_s;
+    let elapsed = || elapsed_before + start.elapsed().as_secs_f64();
     let mut skipped = std::collections::BTreeSet::new();
     let mut exported = false;
     // A checkpoint taken at the last step but before its epoch's end
@@ -737,7 +743,7 @@ fn run_steps<T: SampleTransform + 'static>(
             metrics.extend(obj.after_step(progress.step, &mut rng)?);
             let mut record = serde_json::json!({
                 "kind": "train", "step": progress.step, "epoch": epoch, "loss": loss_acc,
-                "lr": lr, "grad_norm": grad_norm, "elapsed_s": start.elapsed().as_secs_f64(),
+                "lr": lr, "grad_norm": grad_norm, "elapsed_s": elapsed(),
             });
             if let Some(o) = record.as_object_mut() {
                 o.extend(std::mem::take(&mut metrics));
@@ -756,6 +762,7 @@ fn run_steps<T: SampleTransform + 'static>(
             images_in_step = 0;
             step_start = std::time::Instant::now();
             if run.ckpt_every > 0 && progress.step % run.ckpt_every as u64 == 0 {
+                progress.elapsed_s = elapsed();
                 checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
             }
             if done(&progress) {
@@ -783,6 +790,7 @@ fn run_steps<T: SampleTransform + 'static>(
                 obj.export(out, true)?;
             }
         }
+        progress.elapsed_s = elapsed();
         checkpoint(&ckpt_dir, &opt, &progress, &obj.state()?, run.keep_last)?;
         obj.export(out, false)?;
         exported = true;

@@ -1,0 +1,4 @@
+//! cargo fuzz target: see `beitv2::fuzz::shapes`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| beitv2::fuzz::shapes(data));
