@@ -27,8 +27,10 @@ pub fn checkpoint(data: &[u8]) {
         let _ = crate::checkpoint::infer_config(&sd);
         let _ = crate::checkpoint::resolve_config(&sd, &Default::default());
     }
-    if let Ok(sd) = crate::checkpoint::read_vqkd_state(&p) {
-        let _ = crate::checkpoint::infer_vqkd_config(&sd);
+    if let Ok(sd) = crate::checkpoint::read_vqkd_state(&p)
+        && let Ok(c) = crate::checkpoint::infer_vqkd_config(&sd)
+    {
+        let _ = c.validate();
     }
     let _ = std::fs::remove_file(p);
 }
@@ -155,7 +157,9 @@ pub fn shapes(data: &[u8]) {
         config: None,
         metadata: Default::default(),
     };
-    let _ = crate::checkpoint::infer_vqkd_config(&sd);
+    if let Ok(c) = crate::checkpoint::infer_vqkd_config(&sd) {
+        let _ = c.validate();
+    }
     let Ok(cfg) = crate::checkpoint::infer_config(&sd) else {
         return;
     };

@@ -196,6 +196,27 @@ fn dims_str(d: &[usize]) -> String {
     )
 }
 
+/// How many blocks `prefix0.`, `prefix1.`, … a state dict holds. The indices
+/// must run from 0 without a gap: a stray `blocks.999999999.` key would
+/// otherwise claim a model of a billion blocks (and building it to check the
+/// weights would never end).
+fn block_count(t: &BTreeMap<String, Tensor>, prefix: &str, file: &Path) -> Result<usize> {
+    let found: std::collections::BTreeSet<usize> = t
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+        .collect();
+    match found.last() {
+        Some(&last) if last + 1 != found.len() => {
+            let missing = (0..).find(|i| !found.contains(i)).unwrap_or(0);
+            bail!(
+                "{}: `{prefix}N.` keys run to index {last} but block {missing} is missing",
+                file.display()
+            )
+        }
+        _ => Ok(found.len()),
+    }
+}
+
 /// Infers the architecture from tensor shapes (for checkpoints that carry no
 /// config). Normalisation and crop cannot be seen in weights: BEiT v2
 /// (ImageNet mean/std, crop 0.875) is assumed.
@@ -206,18 +227,10 @@ pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
     let cls = get("cls_token", 3)?;
     let pe = get("patch_embed.proj.weight", 4)?;
     let embed_dim = *cls.last().unwrap_or(&0);
-    let depth = t
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix("blocks.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map(|m| m + 1)
-        .with_context(|| format!("{} has no `blocks.N.` keys", sd.path.display()))?;
+    let depth = match block_count(t, "blocks.", &sd.path)? {
+        0 => bail!("{} has no `blocks.N.` keys", sd.path.display()),
+        n => n,
+    };
     let (patch_size, in_chans) = (pe[2], pe[1]);
     let per_block = t.get("blocks.0.attn.relative_position_bias_table");
     let shared = t.get("rel_pos_bias.relative_position_bias_table");
@@ -569,35 +582,32 @@ pub fn infer_vqkd_config(sd: &StateDict) -> Result<crate::model::vqkd::VqkdConfi
     let t = &sd.tensors;
     let hint = "is this a VQ-KD tokenizer?";
     let shape = |k: &str, rank: usize| shape_with_rank(t, &sd.path, k, rank, hint);
-    let blocks = |prefix: &str| {
-        t.keys()
-            .filter_map(|k| {
-                k.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max()
-            .map_or(0, |m| m + 1)
-    };
     let cls = shape("encoder.cls_token", 3)?;
     let pe = shape("encoder.patch_embed.proj.weight", 4)?;
     let pos = shape("encoder.pos_embed", 3)?;
     let book = shape("quantize.embedding.weight", 2)?;
     let fc1 = shape("encoder.blocks.0.mlp.fc1.weight", 2)?;
     let embed_dim = cls[2];
-    let grid = ((pos[1] - 1) as f64).sqrt().round() as usize;
-    let decoder_depth = blocks("decoder.blocks.");
+    // The position table holds the CLS token and a square grid of patches.
+    let grid = (pos[1].saturating_sub(1) as f64).sqrt().round() as usize;
+    let img_size = grid.checked_mul(pe[2]);
+    let (Some(img_size), true) = (img_size, pos[1] >= 2 && grid * grid + 1 == pos[1]) else {
+        bail!(
+            "{}: 'encoder.pos_embed' has {} positions, not 1 + a square grid ({hint})",
+            sd.path.display(),
+            pos[1]
+        );
+    };
+    let decoder_depth = block_count(t, "decoder.blocks.", &sd.path)?;
     let decoder_out_dim = match decoder_depth {
         0 => 0,
         _ => shape("decode_task_layer.2.weight", 2)?[0],
     };
     Ok(crate::model::vqkd::VqkdConfig {
-        img_size: grid * pe[2],
+        img_size,
         patch_size: pe[2],
         embed_dim,
-        depth: blocks("encoder.blocks."),
+        depth: block_count(t, "encoder.blocks.", &sd.path)?,
         num_heads: (embed_dim / 64).max(1),
         mlp_ratio: fc1[0] as f64 / embed_dim as f64,
         code_dim: book[1],
@@ -637,4 +647,75 @@ pub fn load_vqkd(
     strict_check(&path.display().to_string(), &sd.tensors, &expected)?;
     let vb = VarBuilder::from_tensors(to_f32(sd.tensors)?, DType::F32, &Device::Cpu);
     Vqkd::new(&cfg, vb).with_context(|| format!("building the tokenizer from {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state dict of zero-cost tensors of the given shapes.
+    fn shapes(entries: &[(&str, &[usize])]) -> StateDict {
+        let z = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+        StateDict {
+            path: "test.safetensors".into(),
+            tensors: entries
+                .iter()
+                .map(|(k, d)| (k.to_string(), z.broadcast_as(d.to_vec()).unwrap()))
+                .collect(),
+            config: None,
+            metadata: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_gap_in_the_block_indices_is_refused_not_built() {
+        let sd = shapes(&[
+            ("cls_token", &[1, 1, 16]),
+            ("patch_embed.proj.weight", &[16, 3, 8, 8]),
+            ("blocks.0.attn.relative_position_bias_table", &[52, 2]),
+            ("blocks.0.mlp.fc1.weight", &[64, 16]),
+            ("blocks.999999999.norm1.weight", &[16]),
+        ]);
+        let err = format!("{:#}", infer_config(&sd).unwrap_err());
+        assert!(
+            err.contains("run to index 999999999 but block 1 is missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tokenizer_position_table_must_be_cls_plus_a_square() {
+        let vqkd = |positions: usize| {
+            shapes(&[
+                ("encoder.cls_token", &[1, 1, 16]),
+                ("encoder.pos_embed", &[1, positions, 16]),
+                ("encoder.patch_embed.proj.weight", &[16, 3, 8, 8]),
+                ("encoder.blocks.0.mlp.fc1.weight", &[64, 16]),
+                ("quantize.embedding.weight", &[64, 8]),
+            ])
+        };
+        let ok = infer_vqkd_config(&vqkd(17)).unwrap();
+        assert_eq!((ok.img_size, ok.depth, ok.n_codes), (32, 1, 64));
+        for bad in [0, 1, 16] {
+            let err = format!("{:#}", infer_vqkd_config(&vqkd(bad)).unwrap_err());
+            assert!(err.contains("not 1 + a square grid"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_by_validation() {
+        let mut c = BeitConfig::preset("beitv2_base_patch16_224").unwrap();
+        c.depth = 1 << 20;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("depth 1048576 is over the supported maximum"),
+            "{err}"
+        );
+        c.depth = 12;
+        c.img_size = [1 << 20, 16];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("image side 1048576 is over"), "{err}");
+        c.img_size = [224, 224];
+        c.validate().unwrap();
+    }
 }

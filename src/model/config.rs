@@ -218,6 +218,36 @@ impl BeitConfig {
         if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             bail!("mlp_ratio {} must be positive", self.mlp_ratio);
         }
+        // Far beyond any published model, and small enough that no size
+        // computed from them overflows: a hostile config is refused here,
+        // before anything is allocated for it.
+        let (h, w) = (
+            self.img_size[0] / self.patch_size,
+            self.img_size[1] / self.patch_size,
+        );
+        let limits = [
+            ("embed_dim", self.embed_dim, 1 << 16),
+            ("depth", self.depth, 1 << 12),
+            ("in_chans", self.in_chans, 1 << 12),
+            ("num_classes", self.num_classes, 1 << 24),
+            (
+                "image side",
+                self.img_size[0].max(self.img_size[1]),
+                1 << 16,
+            ),
+            ("patch tokens", h * w, 1 << 20),
+        ];
+        for (what, v, max) in limits {
+            if v > max {
+                bail!("{what} {v} is over the supported maximum of {max}");
+            }
+        }
+        if self.mlp_ratio > 64.0 {
+            bail!(
+                "mlp_ratio {} is over the supported maximum of 64",
+                self.mlp_ratio
+            );
+        }
         Ok(())
     }
 
@@ -268,12 +298,24 @@ impl BeitConfig {
         let hidden = self.mlp_hidden() as u64;
         let patches = n - 1;
         let patch_in = (self.in_chans * self.patch_size * self.patch_size) as u64;
-        let per_block = n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * hidden + 10 * n * c;
+        // Saturating: a config read from a hostile file may be absurdly large.
+        let m = |terms: &[u64]| terms.iter().fold(1u64, |a, &b| a.saturating_mul(b));
+        let per_block = [
+            m(&[n, c, 3, c]),
+            m(&[2, n, n, c]),
+            m(&[n, c, c]),
+            m(&[2, n, c, hidden]),
+            m(&[10, n, c]),
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b));
         let final_norm = match self.global_pool {
-            GlobalPool::Avg => 5 * c,
-            GlobalPool::Token => 5 * n * c,
+            GlobalPool::Avg => m(&[5, c]),
+            GlobalPool::Token => m(&[5, n, c]),
         };
-        patches * c * patch_in + self.depth as u64 * per_block + final_norm
+        m(&[patches, c, patch_in])
+            .saturating_add(m(&[self.depth as u64, per_block]))
+            .saturating_add(final_norm)
     }
 }
 

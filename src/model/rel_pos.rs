@@ -289,7 +289,7 @@ pub fn resize_table(
 /// The window a table of `len` rows was trained for, assuming a square window.
 pub fn square_window_for_len(len: usize) -> Option<(usize, usize)> {
     let side = ((len.checked_sub(3)? as f64).sqrt().round()) as usize;
-    if side * side + 3 == len && side % 2 == 1 {
+    if side.checked_mul(side)?.checked_add(3)? == len && side % 2 == 1 {
         let w = side.div_ceil(2);
         Some((w, w))
     } else {

@@ -70,6 +70,15 @@ impl VqkdConfig {
         if self.patch_size == 0 || self.code_dim == 0 || self.n_codes == 0 {
             anyhow::bail!("tokenizer patch_size, code_dim and n_codes must be positive");
         }
+        if self.code_dim > 1 << 16 || self.n_codes > 1 << 24 || self.decoder_out_dim > 1 << 16 {
+            anyhow::bail!(
+                "tokenizer code_dim {}, n_codes {} or decoder_out_dim {} is over the supported \
+                 maximum (65,536, 16,777,216, 65,536)",
+                self.code_dim,
+                self.n_codes,
+                self.decoder_out_dim
+            );
+        }
         self.encoder().validate()?;
         if self.decoder_depth > 0 {
             self.decoder().validate()?;
