@@ -251,3 +251,96 @@ fn resume_cuts_a_torn_tail_retries_failures_and_refuses_foreign_files() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Results made with other settings are never mixed in or cut away: another
+/// `--top-k` (even in a one-image file) is refused, and so are partial
+/// feature files whose recorded settings differ from the run's.
+#[test]
+fn resume_with_other_settings_is_refused() {
+    let dir = temp_dir("settings");
+    let photo = root()
+        .join("assets/photos/chelsea.png")
+        .display()
+        .to_string();
+    let classify = |out: &Path, format: &str, k: &str, resume: bool| {
+        let mut a: Vec<String> = vec!["classify".into()];
+        a.extend(model_args());
+        a.extend(
+            ["--format", format, "--top-k", k, "-o"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        a.push(out.display().to_string());
+        if resume {
+            a.push("--resume".into());
+        }
+        a.push(photo.clone());
+        beitv2(&a)
+    };
+    for (format, ext) in [("json", "jsonl"), ("csv", "csv")] {
+        let out = dir.join(format!("one.{ext}"));
+        assert!(classify(&out, format, "3", false).status.success());
+        let before = std::fs::read(&out).unwrap();
+        let r = classify(&out, format, "2", true);
+        assert!(
+            !r.status.success(),
+            "{format}: another --top-k must be refused"
+        );
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains("is not a result of this command"), "{err}");
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            before,
+            "{format}: file changed"
+        );
+    }
+    // Partial feature files recorded with other settings (another model and kind).
+    let out = dir.join("f.npy");
+    let features = |kind: &str| {
+        let mut a: Vec<String> = vec!["features".into()];
+        a.extend(model_args());
+        a.extend(
+            ["--kind", kind, "--resume", "-o"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        a.push(out.display().to_string());
+        a.push(photo.clone());
+        beitv2(&a)
+    };
+    let mut a: Vec<String> = vec!["features".into()];
+    a.extend(model_args());
+    a.extend(["--kind", "cls", "-o"].iter().map(|s| s.to_string()));
+    a.push(out.display().to_string());
+    a.push(photo.clone());
+    assert!(beitv2(&a).status.success());
+    // Make it look interrupted: back to its partial form.
+    let list = std::fs::read_to_string(out.with_extension("paths.txt")).unwrap();
+    let npy = std::fs::read(&out).unwrap();
+    let hlen = 10 + u16::from_le_bytes([npy[8], npy[9]]) as usize;
+    let mut partial = out.clone().into_os_string();
+    partial.push(".partial");
+    std::fs::write(&partial, &npy[hlen..]).unwrap();
+    let mut paths = partial.clone();
+    paths.push(".paths");
+    let shape = (npy.len() - hlen) / 4;
+    let settings_cls = |kind: &str| {
+        serde_json::json!({"dtype": "F32", "shape": [shape], "settings": {
+            "model": "?", "kind": kind}})
+    };
+    std::fs::write(
+        &paths,
+        format!(
+            "{}\n{}\n",
+            settings_cls("Cls"),
+            serde_json::to_string(list.trim()).unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let r = features("mean");
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("was started with other settings"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

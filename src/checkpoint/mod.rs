@@ -206,7 +206,7 @@ fn block_count(t: &BTreeMap<String, Tensor>, prefix: &str, file: &Path) -> Resul
         .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
         .collect();
     match found.last() {
-        Some(&last) if last + 1 != found.len() => {
+        Some(&last) if last.checked_add(1) != Some(found.len()) => {
             let missing = (0..).find(|i| !found.contains(i)).unwrap_or(0);
             bail!(
                 "{}: `{prefix}N.` keys run to index {last} but block {missing} is missing",
@@ -265,7 +265,16 @@ pub fn infer_config(sd: &StateDict) -> Result<BeitConfig> {
         GlobalPool::Avg
     };
     let mut cfg = BeitConfig::preset("beitv2_base_patch16_224")?;
-    cfg.img_size = [window.0 * patch_size, window.1 * patch_size];
+    cfg.img_size = match (
+        window.0.checked_mul(patch_size),
+        window.1.checked_mul(patch_size),
+    ) {
+        (Some(h), Some(w)) => [h, w],
+        _ => bail!(
+            "{}: a window of {window:?} patches of {patch_size} px is too large",
+            sd.path.display()
+        ),
+    };
     cfg.patch_size = patch_size;
     cfg.in_chans = in_chans;
     cfg.num_classes = match t.contains_key("head.weight") {
@@ -591,7 +600,8 @@ pub fn infer_vqkd_config(sd: &StateDict) -> Result<crate::model::vqkd::VqkdConfi
     // The position table holds the CLS token and a square grid of patches.
     let grid = (pos[1].saturating_sub(1) as f64).sqrt().round() as usize;
     let img_size = grid.checked_mul(pe[2]);
-    let (Some(img_size), true) = (img_size, pos[1] >= 2 && grid * grid + 1 == pos[1]) else {
+    let square = grid.checked_mul(grid).and_then(|g| g.checked_add(1)) == Some(pos[1]);
+    let (Some(img_size), true) = (img_size, pos[1] >= 2 && square) else {
         bail!(
             "{}: 'encoder.pos_embed' has {} positions, not 1 + a square grid ({hint})",
             sd.path.display(),

@@ -130,9 +130,9 @@ impl TextSink {
 /// Reads `path` record by record for a resume. `record` gets each complete
 /// line (without its newline) and says whether it completes a result
 /// (`Ok(Some(key))`), belongs to one still open (`Ok(None)`), or cannot be
-/// ours (`Err`). A last line without its newline, or one that fails to
-/// parse at the very end, is a torn write and is dropped; a bad line
-/// followed by more is an error, so no one's file is cut short by mistake.
+/// ours (`Err`). Only a last line without its newline is a torn write, and
+/// dropped (with the records still open before it); a complete line that
+/// is not ours is an error, so no one's file is cut short by mistake.
 fn scan_lines(
     path: &Path,
     mut record: impl FnMut(&str) -> Result<Option<String>>,
@@ -176,9 +176,6 @@ fn scan_lines(
             }
             Ok(None) => {}
             Err(e) => {
-                if r.fill_buf()?.is_empty() {
-                    return Ok(done);
-                }
                 bail!(
                     "{} line {line_no} is not a result of this command ({e:#}); \
                      not resuming over it (run without --resume to start it anew)",
@@ -264,6 +261,9 @@ pub struct RowSink {
     list: File,
     layout: Option<(DType, Vec<usize>)>,
     rows: u64,
+    /// What made the rows (model, kind of feature, ...): a resume with
+    /// other settings is refused instead of mixing two kinds of result.
+    settings: Value,
 }
 
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
@@ -280,8 +280,13 @@ fn dtype_name(d: DType) -> Result<&'static str> {
     })
 }
 
-fn row_bytes(d: DType, shape: &[usize]) -> u64 {
-    (shape.iter().product::<usize>() * d.size_in_bytes()) as u64
+/// Bytes of one row; `None` when the shape's size overflows or passes 4 GiB
+/// (no image's result is that large; a corrupt header may say so).
+fn row_bytes(d: DType, shape: &[usize]) -> Option<u64> {
+    let n = shape
+        .iter()
+        .try_fold(d.size_in_bytes() as u64, |a, &b| a.checked_mul(b as u64))?;
+    (n <= 1 << 32).then_some(n)
 }
 
 /// The keys of a finished `.npy` (its `.paths.txt`) or safetensors output.
@@ -299,11 +304,16 @@ fn finished_keys(out: &Path) -> Result<Done> {
         f.read_exact(&mut n)
             .with_context(|| format!("{}: not a safetensors file", out.display()))?;
         let n = u64::from_le_bytes(n);
-        if n > f.metadata()?.len() {
+        let len = f
+            .metadata()
+            .with_context(|| format!("cannot read {}", out.display()))?
+            .len();
+        if n > len.saturating_sub(8) {
             bail!("{}: its header runs past the file", out.display());
         }
         let mut header = vec![0u8; n as usize];
-        f.read_exact(&mut header)?;
+        f.read_exact(&mut header)
+            .with_context(|| format!("cannot read {}", out.display()))?;
         let v: serde_json::Map<String, Value> = serde_json::from_slice(&header)
             .with_context(|| format!("{}: the header is not JSON", out.display()))?;
         done.keys = v
@@ -331,8 +341,9 @@ impl RowSink {
     }
 
     /// Starts `out` anew, or with `resume` continues its partial files (cut to
-    /// their last complete row) or reports a finished output.
-    pub fn open(out: &Path, resume: bool) -> Result<Opened> {
+    /// their last complete row) or reports a finished output. `settings`
+    /// must equal those the partial files were started with.
+    pub fn open(out: &Path, resume: bool, settings: Value) -> Result<Opened> {
         let (data_p, list_p) = Self::partial(out);
         if resume && !list_p.exists() && out.exists() {
             return Ok(Opened {
@@ -353,16 +364,22 @@ impl RowSink {
         let mut sink_layout = None;
         let mut done = Done::default();
         let mut keep_list = 0u64;
+        let mut n_rows = 0u64;
         if resume {
             let mut r = BufReader::new(&mut list);
             let mut line = Vec::new();
             let mut offset = 0u64;
             let mut rows = Vec::new();
-            while r.read_until(b'\n', &mut line)? > 0 && line.ends_with(b"\n") {
-                // A torn line may end inside a character: not UTF-8, not a row.
-                let Ok(body) = std::str::from_utf8(&line[..line.len() - 1]) else {
-                    break;
-                };
+            while r
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("cannot read {}", list_p.display()))?
+                > 0
+                && line.ends_with(b"\n")
+            {
+                // Only a last line without its newline is torn; a complete
+                // line that is not a row means the file is not ours.
+                let bad = || format!("{}: line {} is not a row", list_p.display(), rows.len() + 2);
+                let body = std::str::from_utf8(&line[..line.len() - 1]).with_context(bad)?;
                 if sink_layout.is_none() {
                     let v: Value = serde_json::from_str(body)
                         .with_context(|| format!("{}: bad first line", list_p.display()))?;
@@ -373,12 +390,18 @@ impl RowSink {
                     };
                     let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())
                         .with_context(|| format!("{}: bad shape in {body}", list_p.display()))?;
+                    if v["settings"] != settings {
+                        bail!(
+                            "{} was started with other settings ({}; now {settings}): \
+                             run without --resume to start anew",
+                            list_p.display(),
+                            v["settings"]
+                        );
+                    }
                     sink_layout = Some((d, shape));
                 } else {
-                    match serde_json::from_str::<String>(body) {
-                        Ok(k) => rows.push((k, offset + line.len() as u64)),
-                        Err(_) => break,
-                    }
+                    let k = serde_json::from_str::<String>(body).with_context(bad)?;
+                    rows.push((k, offset + line.len() as u64));
                 }
                 offset += line.len() as u64;
                 if rows.is_empty() {
@@ -387,12 +410,19 @@ impl RowSink {
                 line.clear();
             }
             if let Some((d, shape)) = &sink_layout {
-                let have = data.metadata()?.len() / row_bytes(*d, shape).max(1);
+                let rb = row_bytes(*d, shape).with_context(|| {
+                    format!(
+                        "{}: rows of shape {shape:?} are too large",
+                        list_p.display()
+                    )
+                })?;
+                let have = data.metadata()?.len() / rb.max(1);
                 rows.truncate(have.min(rows.len() as u64) as usize);
                 if let Some((_, end)) = rows.last() {
                     keep_list = *end;
                 }
-                data.set_len(rows.len() as u64 * row_bytes(*d, shape))?;
+                data.set_len(rows.len() as u64 * rb)?;
+                n_rows = rows.len() as u64;
                 done.keys = rows.into_iter().map(|(k, _)| k).collect();
             }
         }
@@ -408,8 +438,9 @@ impl RowSink {
                 out: out.to_path_buf(),
                 data,
                 list,
-                rows: done.keys.len() as u64,
+                rows: n_rows,
                 layout: sink_layout,
+                settings,
             }),
             done,
         })
@@ -420,7 +451,7 @@ impl RowSink {
         let Some((d, shape)) = &self.layout else {
             return Ok(());
         };
-        let mut row = vec![0u8; row_bytes(*d, shape) as usize];
+        let mut row = vec![0u8; row_bytes(*d, shape).unwrap_or(0) as usize];
         self.data.seek(SeekFrom::Start(0))?;
         let mut r = BufReader::new(&mut self.data);
         for _ in 0..self.rows {
@@ -452,7 +483,11 @@ impl RowSink {
             ),
             Some(_) => {}
             None => {
-                let head = serde_json::json!({"dtype": dtype_name(layout.0)?, "shape": layout.1});
+                if row_bytes(layout.0, &layout.1).is_none() {
+                    bail!("results of shape {:?} are too large to write", layout.1);
+                }
+                let head = serde_json::json!({"dtype": dtype_name(layout.0)?, "shape": layout.1,
+                                              "settings": self.settings});
                 writeln!(self.list, "{head}")?;
                 self.layout = Some(layout.clone());
             }
@@ -501,11 +536,30 @@ impl RowSink {
             let _ = std::fs::remove_file(&list_p);
             return Ok(None);
         };
-        let rb = row_bytes(dtype, &shape);
+        let rb = row_bytes(dtype, &shape).unwrap_or(0);
         let mut keys = Vec::with_capacity(self.rows as usize);
         self.list.seek(SeekFrom::Start(0))?;
         for line in BufReader::new(&mut self.list).lines().skip(1) {
-            keys.push(serde_json::from_str::<String>(&line?)?);
+            let line = line.with_context(|| format!("cannot read {}", list_p.display()))?;
+            keys.push(
+                serde_json::from_str::<String>(&line)
+                    .with_context(|| format!("{}: not a row: {line}", list_p.display()))?,
+            );
+        }
+        if keys.len() as u64 != self.rows {
+            bail!(
+                "{} lists {} rows, {} were written",
+                list_p.display(),
+                keys.len(),
+                self.rows
+            );
+        }
+        let mut seen = HashSet::new();
+        if let Some(k) = keys.iter().find(|k| !seen.insert(k.as_str())) {
+            bail!(
+                "two images are both named {k:?} in the results (a file name with a \\xNN \
+                 escape beside one with that byte?); rename one"
+            );
         }
         self.data.seek(SeekFrom::Start(0))?;
         let mut data = (&mut self.data).take(self.rows * rb);
@@ -515,8 +569,7 @@ impl RowSink {
             let header = super::features::npy_header(dtype, &dims)?;
             crate::util::write_atomic_with(&self.out, |w| {
                 w.write_all(&header)?;
-                std::io::copy(&mut data, w)?;
-                Ok(())
+                copy_rows(&mut data, w, self.rows * rb, &data_p)
             })?;
             let list = self.out.with_extension("paths.txt");
             crate::util::write_atomic_with(&list, |w| {
@@ -542,17 +595,30 @@ impl RowSink {
             crate::util::write_atomic_with(&self.out, |w| {
                 w.write_all(&(text.len() as u64).to_le_bytes())?;
                 w.write_all(text.as_bytes())?;
-                std::io::copy(&mut data, w)?;
-                Ok(())
+                copy_rows(&mut data, w, self.rows * rb, &data_p)
             })?;
         }
         let rows = self.rows;
         drop(self);
+        // The list first: without it the data file means nothing.
+        std::fs::remove_file(&list_p)
+            .with_context(|| format!("cannot remove {}", list_p.display()))?;
         std::fs::remove_file(&data_p)
-            .and_then(|_| std::fs::remove_file(&list_p))
             .with_context(|| format!("cannot remove {}", data_p.display()))?;
         Ok(Some((rows, shape)))
     }
+}
+
+/// Copies exactly `n` bytes of rows, or says that `from` is short.
+fn copy_rows(from: &mut impl Read, to: &mut impl Write, n: u64, from_name: &Path) -> Result<()> {
+    let copied = std::io::copy(from, to)?;
+    if copied != n {
+        bail!(
+            "{} holds {copied} bytes of rows, not {n}",
+            from_name.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

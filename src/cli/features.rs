@@ -121,7 +121,14 @@ pub fn run(args: FeaturesArgs) -> Result<()> {
     }
     output_kind(&args.output)?;
     let paths = inputs::expand_paths(&args.paths)?;
-    let opened = RowSink::open(&args.output, args.resume)?;
+    let settings = serde_json::json!({
+        "model": format!("{:?}", args.model),
+        "dtype": format!("{:?}", args.dtype),
+        "kind": format!("{:?}", args.kind),
+        "layers": args.layers,
+        "crop_pct": args.pre.crop_pct,
+    });
+    let opened = RowSink::open(&args.output, args.resume, settings)?;
     let todo = batch::remaining(&paths, &opened.done, &args.output);
     let Some(mut sink) = opened.sink else {
         return batch::finished_output(&args.output, &opened.done, todo.len());

@@ -121,11 +121,12 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
     };
     // Tokens already written by an interrupted run count in --stats too.
     let mut count = |ids: &mut dyn Iterator<Item = i64>| -> Result<()> {
+        let ids: Vec<i64> = ids.collect();
+        if let Some(id) = ids.iter().find(|&&i| !(0..n_codes as i64).contains(&i)) {
+            bail!("token id {id} is outside this tokenizer's {n_codes} codes");
+        }
         for id in ids {
-            match usize::try_from(id).ok().filter(|&i| i < n_codes) {
-                Some(i) => usage.counts[i] += 1,
-                None => bail!("token id {id} is outside this tokenizer's {n_codes} codes"),
-            }
+            usage.counts[id as usize] += 1;
         }
         Ok(())
     };
@@ -152,7 +153,12 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
             done
         }
         (Some(path), _) => {
-            let opened = RowSink::open(path, args.resume)?;
+            let settings = serde_json::json!({
+                "tokenizer": crate::util::path_text(&args.tokenizer),
+                "arch": args.arch,
+                "config": args.config.as_deref().map(crate::util::path_text),
+            });
+            let opened = RowSink::open(path, args.resume, settings)?;
             match opened.sink {
                 Some(mut sink) => {
                     let mut bad = Ok(());
@@ -168,6 +174,13 @@ pub fn run(args: TokenizeArgs) -> Result<()> {
                     rows = Some(sink);
                 }
                 None => {
+                    if args.stats || args.stats_plot.is_some() {
+                        bail!(
+                            "{} is finished: --stats counts the tokens of a run it takes \
+                             part in; run without --resume to count them anew",
+                            path.display()
+                        );
+                    }
                     let todo = batch::remaining(&paths, &opened.done, path);
                     return batch::finished_output(path, &opened.done, todo.len());
                 }

@@ -235,7 +235,7 @@ impl BeitConfig {
                 self.img_size[0].max(self.img_size[1]),
                 1 << 16,
             ),
-            ("patch tokens", h * w, 1 << 20),
+            ("patch tokens", h.saturating_mul(w), 1 << 20),
         ];
         for (what, v, max) in limits {
             if v > max {
@@ -293,11 +293,14 @@ impl BeitConfig {
     /// Multiply-accumulates of one forward pass of the backbone, in the
     /// fvcore/mmengine convention of spec A.8 (head excluded).
     pub fn macs(&self) -> u64 {
-        let n = self.num_tokens() as u64;
+        let (h, w) = self.grid();
+        let n = (h as u64).saturating_mul(w as u64).saturating_add(1);
         let c = self.embed_dim as u64;
         let hidden = self.mlp_hidden() as u64;
         let patches = n - 1;
-        let patch_in = (self.in_chans * self.patch_size * self.patch_size) as u64;
+        let patch_in = (self.in_chans as u64)
+            .saturating_mul(self.patch_size as u64)
+            .saturating_mul(self.patch_size as u64);
         // Saturating: a config read from a hostile file may be absurdly large.
         let m = |terms: &[u64]| terms.iter().fold(1u64, |a, &b| a.saturating_mul(b));
         let per_block = [
