@@ -47,8 +47,9 @@ pub struct BenchArgs {
     /// Run candle's composite ops instead of the fused inference kernels (fp32 only).
     #[arg(long)]
     pub no_fused: bool,
-    /// Run --dtype bf16/int8 on the fallback CPUs without AMX get (fp32 GEMM
-    /// on the rounded values) even where AMX is present.
+    /// Run --dtype bf16/int8 on the fallback that CPUs without AMX or
+    /// AVX-512 VNNI/BF16 get (fp32 GEMM on the rounded values), even where
+    /// those are present.
     #[arg(long)]
     pub no_amx: bool,
     /// Cap the hand-written kernels at this ISA level (as BEITV2_ISA does),

@@ -38,7 +38,7 @@ pub enum Profile {
     Smoke,
     /// The default: every stage shortened to fit about 10 minutes on 2 cores.
     Quick,
-    /// Longer schedules: 25 epochs with 100% of the labels (about four hours on 2 cores).
+    /// Longer schedules: 30 epochs with 100% of the labels (about two hours on 2 cores).
     Full,
 }
 
@@ -54,7 +54,7 @@ pub struct DemoArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Longer schedules: 25 epochs with 100% of the labels (about four hours on 2 cores).
+    /// Longer schedules: 30 epochs with 100% of the labels (about two hours on 2 cores).
     #[arg(long)]
     pub full: bool,
     /// Stage sizes (`--full` is `--profile full`).
@@ -168,7 +168,7 @@ impl Sizes {
                 probe_epochs: 2,
                 batch_size: 128,
             },
-            // 25 epochs with all labels: `recipes/fashion-mnist.toml` from
+            // 30 epochs with all labels: `recipes/fashion-mnist.toml` from
             // scratch for 20 epochs (1 of warmup) reached 89.85% (README,
             // `--full`). With 5 steps an epoch, 1% of the labels warms up
             // for 10 epochs (50 steps).
@@ -179,7 +179,7 @@ impl Sizes {
                 tokenizer_epochs: 2,
                 pretrain_limit: 0,
                 pretrain_epochs: 10,
-                finetune: &[(1, 50, 10, 0), (10, 30, 3, 0), (100, 25, 2, 0)],
+                finetune: &[(1, 50, 10, 0), (10, 30, 3, 0), (100, 30, 2, 0)],
                 probe_percent: 100,
                 probe_epochs: 5,
                 batch_size: 128,

@@ -100,9 +100,15 @@ impl ModelArgs {
     pub fn load(&self, dtype: crate::kernels::Precision) -> Result<Beit> {
         let (cfg, weights) = self.load_weights()?;
         let mut model = checkpoint::build_model(&cfg, weights)?;
-        if dtype.quant().is_some() && !crate::kernels::packed::accelerated() {
+        if let Some(quant) = dtype.quant()
+            && !crate::kernels::packed::accelerated(quant)
+        {
+            let needs = match quant {
+                crate::kernels::Quant::Int8 => "AVX512-VNNI or AMX",
+                crate::kernels::Quant::Bf16 => "AVX512-BF16 or AMX",
+            };
             tracing::warn!(
-                "no usable Intel AMX here (kernels at ISA level {}): --dtype {dtype:?} runs as an fp32 GEMM on the rounded values (same results, no faster than f32)",
+                "--dtype {dtype:?} is not faster than f32 on this CPU (kernels at ISA level {}): its kernel needs {needs}, so it runs as an fp32 GEMM on the rounded values (same results as the fast kernel, at f32 speed or slower)",
                 crate::kernels::isa::active()
             );
         }

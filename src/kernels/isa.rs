@@ -19,19 +19,34 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/DQ/VL (Skylake-SP, Ice Lake, Sapphire Rapids, AMD Zen 4).
     Avx512,
-    /// AVX-512 plus AMX tiles with BF16 and INT8, usable by this process
+    /// AVX-512 plus VNNI (`vpdpbusd`): int8 dot products (Cascade Lake,
+    /// Ice Lake, AMD Zen 4 and later).
+    Avx512Vnni,
+    /// AVX-512 VNNI plus BF16 (`vdpbf16ps`): bf16 dot products (Cooper Lake,
+    /// Sapphire Rapids, AMD Zen 4 and later).
+    Avx512Bf16,
+    /// AVX-512 BF16 plus AMX tiles with BF16 and INT8, usable by this process
     /// (Sapphire Rapids and later).
     Amx,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Amx];
+    pub const ALL: [Isa; 6] = [
+        Isa::Baseline,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Vnni,
+        Isa::Avx512Bf16,
+        Isa::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Isa::Baseline => "baseline",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx512Bf16 => "avx512-bf16",
             Isa::Amx => "amx",
         }
     }
@@ -42,9 +57,37 @@ impl Isa {
             Isa::Baseline => &[],
             Isa::Avx2 => &["avx2", "fma"],
             Isa::Avx512 => &["avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"],
+            Isa::Avx512Vnni => &[
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512bw",
+                "avx512dq",
+                "avx512vl",
+                "avx512vnni",
+            ],
+            Isa::Avx512Bf16 => &[
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512bw",
+                "avx512dq",
+                "avx512vl",
+                "avx512vnni",
+                "avx512bf16",
+            ],
             Isa::Amx => &[
-                "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "amx-tile",
-                "amx-bf16", "amx-int8",
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512bw",
+                "avx512dq",
+                "avx512vl",
+                "avx512vnni",
+                "avx512bf16",
+                "amx-tile",
+                "amx-bf16",
+                "amx-int8",
             ],
         }
     }
@@ -90,6 +133,8 @@ fn cpu_has(feature: &str) -> bool {
         "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
         "avx512dq" => std::arch::is_x86_feature_detected!("avx512dq"),
         "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+        "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+        "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
         "amx-tile" | "amx-bf16" | "amx-int8" => {
             // cpuid leaf 7 is read only when the CPU reports it.
             if std::arch::x86_64::__cpuid(0).eax < 7 {

@@ -34,6 +34,8 @@ macro_rules! multiversion {
 
 pub mod attention;
 pub mod autograd;
+#[cfg(target_arch = "x86_64")]
+mod dot512;
 pub mod isa;
 pub mod linear;
 pub mod math;

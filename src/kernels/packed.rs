@@ -8,7 +8,9 @@
 //! tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
 //! (output channel) and one per activation row (token).
 //!
-//! Without AMX the same rounded operands go through an fp32 GEMM: the same
+//! Without AMX, CPUs with AVX512-VNNI (int8) or AVX512-BF16 (bf16) run the
+//! same panels through their dot-product instructions ([`super::dot512`]).
+//! Elsewhere the same rounded operands go through an fp32 GEMM: the same
 //! numbers up to fp32 rounding of the sums, at fp32 speed.
 
 use super::math::gelu;
@@ -128,6 +130,9 @@ pub struct PackedWeight {
     data: Vec<u8>,
     /// Per-output-channel scale (Int8 only).
     scales: Vec<f32>,
+    /// Per-output-column sum of the int8 weights, whole panels (Int8 only):
+    /// the correction for the VNNI kernel's shifted activations.
+    col_sums: Vec<i32>,
     /// The packed values as f32 in `(out, in)` order (int8 unscaled), made on
     /// first use by the fp32-GEMM kernel for CPUs without AMX.
     values_f32: std::sync::OnceLock<Vec<f32>>,
@@ -201,6 +206,7 @@ impl PackedWeight {
             k_pad,
             data: Vec::new(),
             scales,
+            col_sums: Vec::new(),
             values_f32: std::sync::OnceLock::new(),
         };
         let panel_bytes = k_pad * NB * esize;
@@ -223,6 +229,17 @@ impl PackedWeight {
                 }
             });
         packed.data = data;
+        if quant == Quant::Int8 {
+            packed.col_sums = (0..panels * NB)
+                .map(|n| {
+                    let (p, col) = (n / NB, n % NB);
+                    let panel = packed.panel(p);
+                    (0..in_dim)
+                        .map(|k| panel[packed.panel_index(col, k)] as i8 as i32)
+                        .sum()
+                })
+                .collect();
+        }
         packed
     }
 
@@ -237,7 +254,7 @@ impl PackedWeight {
     }
     /// Bytes held by the packed weight.
     pub fn nbytes(&self) -> usize {
-        self.data.len() + 4 * self.scales.len()
+        self.data.len() + 4 * (self.scales.len() + self.col_sums.len())
     }
 
     fn panel(&self, p: usize) -> &[u8] {
@@ -280,8 +297,8 @@ impl PackedWeight {
         if rows == 0 || self.out_dim == 0 {
             return;
         }
-        let kernel = Kernel::select();
-        let acts = Activations::convert(x, rows, self);
+        let kernel = Kernel::select(self.quant);
+        let acts = Activations::convert(x, rows, self, kernel == Kernel::Avx512Dot);
         if kernel == Kernel::Fp32Gemm {
             return self.matmul_fp32(&acts, rows, bias, epilogue, out);
         }
@@ -298,6 +315,11 @@ impl PackedWeight {
                         .clone()
                         .zip(tiles.iter_mut())
                         .for_each(|(mb, tile)| unsafe { self.block_amx(&acts, mb, p, tile) }),
+                    // SAFETY: `Kernel::select` checked the ISA level; as above.
+                    Kernel::Avx512Dot => mblock_range
+                        .clone()
+                        .zip(tiles.iter_mut())
+                        .for_each(|(mb, tile)| unsafe { self.block_dot(&acts, mb, p, tile) }),
                     Kernel::Reference | Kernel::Fp32Gemm => mblock_range
                         .clone()
                         .zip(tiles.iter_mut())
@@ -533,6 +555,32 @@ impl PackedWeight {
     unsafe fn block_amx(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
         self.block_reference(acts, mb, MB, p, tile)
     }
+
+    /// One 32×32 block on AVX512-VNNI (int8, activations shifted by 128) or
+    /// AVX512-BF16 (bf16).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn block_dot(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
+        let stride = self.k_pad * self.quant.elem_bytes();
+        let a = acts.bytes[mb * MB * stride..].as_ptr();
+        let b = self.panel(p).as_ptr();
+        let kblocks = self.k_pad / self.quant.k_block();
+        // SAFETY (both): the caller checked the ISA level; activations are
+        // padded to whole 32-row blocks and k blocks, the panel to k blocks.
+        match self.quant {
+            Quant::Int8 => {
+                let sums = self.col_sums[p * NB..(p + 1) * NB]
+                    .try_into()
+                    .expect("32 sums");
+                unsafe { super::dot512::block_int8(a, stride, b, kblocks, sums, tile) }
+            }
+            Quant::Bf16 => unsafe { super::dot512::block_bf16(a, stride, b, kblocks, tile) },
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn block_dot(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
+        self.block_reference(acts, mb, MB, p, tile)
+    }
 }
 
 multiversion! {
@@ -586,6 +634,8 @@ multiversion! {
 pub enum Kernel {
     /// Intel AMX tiles.
     Amx,
+    /// AVX-512 dot products: `vpdpbusd` (VNNI) for int8, `vdpbf16ps` for bf16.
+    Avx512Dot,
     /// Without AMX: the rounded operands as f32 through the `gemm` crate
     /// (the same numbers up to fp32 rounding of the sums, at fp32 speed).
     Fp32Gemm,
@@ -601,20 +651,38 @@ pub fn force_kernel(kernel: Option<Kernel>) {
 }
 
 impl Kernel {
-    fn select() -> Self {
+    /// The kernel for `quant`: the forced one when this CPU and the ISA cap
+    /// allow it, else the fastest allowed.
+    fn select(quant: Quant) -> Self {
+        let allowed = |k: Kernel| match k {
+            Kernel::Amx => amx::available(),
+            Kernel::Avx512Dot => dot_available(quant),
+            Kernel::Fp32Gemm | Kernel::Reference => true,
+        };
         match *FORCED.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(Kernel::Amx) if !amx::available() => Kernel::Fp32Gemm,
-            Some(k) => k,
-            None if amx::available() => Kernel::Amx,
-            None => Kernel::Fp32Gemm,
+            Some(k) if allowed(k) => k,
+            _ => [Kernel::Amx, Kernel::Avx512Dot]
+                .into_iter()
+                .find(|&k| allowed(k))
+                .unwrap_or(Kernel::Fp32Gemm),
         }
     }
 }
 
-/// The AMX kernels run on this CPU (otherwise bf16/int8 run as fp32 GEMMs on
-/// the rounded operands: same numbers, no faster than fp32).
-pub fn accelerated() -> bool {
-    amx::available()
+/// The AVX-512 dot-product instruction for `quant` may be used (CPU and cap).
+fn dot_available(quant: Quant) -> bool {
+    use super::isa::{Isa, active};
+    match quant {
+        Quant::Int8 => active() >= Isa::Avx512Vnni,
+        Quant::Bf16 => active() >= Isa::Avx512Bf16,
+    }
+}
+
+/// A dedicated kernel (AMX, or AVX-512 VNNI / BF16 dot products) runs `quant`
+/// on this CPU; otherwise it runs as an fp32 GEMM on the rounded operands:
+/// same numbers, no faster than fp32.
+pub fn accelerated(quant: Quant) -> bool {
+    Kernel::select(quant) != Kernel::Fp32Gemm
 }
 
 /// Activations prepared for one call: bf16/int8 rows padded with zeros to
@@ -627,7 +695,8 @@ struct Activations {
 }
 
 impl Activations {
-    fn convert(x: &[f32], rows: usize, w: &PackedWeight) -> Self {
+    /// `shifted`: int8 stored as `q + 128` (u8), for `vpdpbusd`.
+    fn convert(x: &[f32], rows: usize, w: &PackedWeight, shifted: bool) -> Self {
         let (k, k_pad, quant) = (w.in_dim, w.k_pad, w.quant);
         let scales: Vec<f32> = match quant {
             Quant::Int8 => x.par_chunks(k).map(int8_scale).collect(),
@@ -641,7 +710,10 @@ impl Activations {
         data.par_chunks_mut(row_bytes)
             .zip(x.par_chunks(k))
             .zip(scales.par_iter().chain(rayon::iter::repeat_n(&1.0, rows)))
-            .for_each(|((dst, src), &scale)| convert_row(dst, src, quant == Quant::Int8, scale));
+            .for_each(|((dst, src), &scale)| {
+                let flip = if shifted { 0x80 } else { 0 };
+                convert_row(dst, src, quant == Quant::Int8, scale, flip)
+            });
         Self {
             bytes,
             k_pad,
@@ -661,12 +733,13 @@ impl Activations {
 
 multiversion! {
     /// One activation row to bf16 (round to nearest even) or to int8 with
-    /// `scale`, zero-filling the k padding.
-    fn convert_row(dst: &mut [u8], src: &[f32], int8: bool, scale: f32) {
+    /// `scale` (its bytes XORed with `flip`: 0x80 adds 128), zero-filling the
+    /// k padding.
+    fn convert_row(dst: &mut [u8], src: &[f32], int8: bool, scale: f32, flip: u8) {
         if int8 {
             let inv = 1.0 / scale;
             for (d, &v) in dst.iter_mut().zip(src) {
-                *d = to_i8(v, inv) as u8;
+                *d = to_i8(v, inv) as u8 ^ flip;
             }
             dst[src.len()..].fill(0);
         } else {
@@ -775,8 +848,19 @@ mod tests {
                 lin[m * n + j] = s + bias[j] as f64;
             }
         }
-        for kernel in [Kernel::Amx, Kernel::Fp32Gemm, Kernel::Reference] {
+        // int8 sums are exact integers: every kernel's output is the same bits.
+        let mut int8_outputs: Vec<(Kernel, Vec<f32>)> = Vec::new();
+        for kernel in [
+            Kernel::Amx,
+            Kernel::Avx512Dot,
+            Kernel::Fp32Gemm,
+            Kernel::Reference,
+        ] {
             force_kernel(Some(kernel));
+            let ran = Kernel::select(quant);
+            if kernel == Kernel::Avx512Dot {
+                assert_eq!(ran == kernel, dot_available(quant), "{quant:?}: {ran:?}");
+            }
             type Expected<'a> = Box<dyn Fn(usize) -> f64 + 'a>;
             let cases: [(Epilogue, Expected); 3] = [
                 (Epilogue::Store, Box::new(|i| lin[i])),
@@ -791,6 +875,17 @@ mod tests {
             for (epilogue, want) in cases {
                 let mut out = resid.clone();
                 packed.matmul(&x, rows, Some(&bias), epilogue, &mut out);
+                if quant == Quant::Int8 && matches!(epilogue, Epilogue::Store) {
+                    if let Some((first, bits)) = int8_outputs.first() {
+                        assert!(
+                            bits.iter()
+                                .zip(&out)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "int8 {rows}x{n}x{k}: {ran:?} differs from {first:?}"
+                        );
+                    }
+                    int8_outputs.push((ran, out.clone()));
+                }
                 for (i, &got) in out.iter().enumerate() {
                     let want = want(i);
                     let err = (got as f64 - want).abs() / (1.0 + want.abs());
