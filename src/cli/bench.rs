@@ -164,7 +164,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     kernels::set_fused(!args.no_fused);
     if args.no_amx {
-        kernels::packed::force_kernel(Some(kernels::packed::Kernel::Fp32Gemm));
+        kernels::gemm::force_kernel(Some(kernels::gemm::Kernel::Fp32Gemm));
     }
     if !args.no_fused {
         model.set_precision(args.dtype)?;

@@ -100,15 +100,12 @@ impl ModelArgs {
     pub fn load(&self, dtype: crate::kernels::Precision) -> Result<Beit> {
         let (cfg, weights) = self.load_weights()?;
         let mut model = checkpoint::build_model(&cfg, weights)?;
-        if let Some(quant) = dtype.quant()
-            && !crate::kernels::packed::accelerated(quant)
+        if let Some(why) = dtype
+            .quant()
+            .and_then(crate::kernels::gemm::not_accelerated_because)
         {
-            let needs = match quant {
-                crate::kernels::Quant::Int8 => "AVX512-VNNI or AMX",
-                crate::kernels::Quant::Bf16 => "AVX512-BF16 or AMX",
-            };
             tracing::warn!(
-                "--dtype {dtype:?} is not faster than f32 on this CPU (kernels at ISA level {}): its kernel needs {needs}, so it runs as an fp32 GEMM on the rounded values (same results as the fast kernel, at f32 speed or slower)",
+                "--dtype {dtype:?} is not faster than f32 on this CPU (kernels at ISA level {}): {why}, so it runs as an fp32 GEMM on the rounded values (the same results, at f32 speed or slower)",
                 crate::kernels::isa::active()
             );
         }

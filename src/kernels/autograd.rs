@@ -289,12 +289,13 @@ impl CustomOp3 for LinearOp {
             );
         }
         let mut out = vec![0f32; rows * n];
-        let weight = super::linear::WeightRef::F32 {
+        let weight = super::gemm::WeightRef::F32 {
             data: w,
             out_dim: n,
             in_dim: k,
+            panels: None,
         };
-        super::linear::linear(x, rows, weight, Some(b), super::Epilogue::Store, &mut out);
+        super::gemm::linear(x, rows, weight, Some(b), super::Epilogue::Store, &mut out);
         let mut shape = l1.shape().dims().to_vec();
         *shape.last_mut().expect("rank checked above") = n;
         Ok((CpuStorage::F32(out), shape.into()))

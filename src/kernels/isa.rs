@@ -157,10 +157,53 @@ fn cpu_has(_feature: &str) -> bool {
     false
 }
 
+/// The CPU reports itself as AMD's ("AuthenticAMD").
+#[cfg(target_arch = "x86_64")]
+pub fn cpu_vendor_is_amd() -> bool {
+    let r = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    vendor == b"AuthenticAMD"
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn cpu_vendor_is_amd() -> bool {
+    false
+}
+
 /// The OS lets this process use AMX tile data (asked once).
 fn amx_permitted() -> bool {
     static PERMITTED: OnceLock<bool> = OnceLock::new();
-    *PERMITTED.get_or_init(super::packed::amx::request_permission)
+    *PERMITTED.get_or_init(request_amx_permission)
+}
+
+/// Asks the kernel for the AMX tile state (Linux `arch_prctl`); false where
+/// it refuses or the OS is not Linux. Called once, after CPUID reported AMX.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_amx_permission() -> bool {
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: the syscall only asks the kernel for permission and touches no memory.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") 158i64 => ret, // SYS_arch_prctl
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_amx_permission() -> bool {
+    false
 }
 
 /// The highest level this machine runs.

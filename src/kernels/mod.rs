@@ -34,20 +34,16 @@ macro_rules! multiversion {
 
 pub mod attention;
 pub mod autograd;
-#[cfg(target_arch = "x86_64")]
-mod dot512;
+pub mod gemm;
 pub mod isa;
-pub mod linear;
 pub mod math;
-pub mod packed;
 pub mod profile;
 pub mod scratch;
-pub mod sgemm;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use packed::{Epilogue, PackedWeight, Quant};
+pub use gemm::{Epilogue, PackedWeight, Quant};
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
 

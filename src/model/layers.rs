@@ -3,8 +3,7 @@
 //! custom ops of `kernels::autograd` (f32 on the CPU) or candle's composites,
 //! so one model definition serves inference and training.
 
-use crate::kernels::linear::WeightRef;
-use crate::kernels::sgemm::{PackedF32, SGEMM_MAX_ROWS};
+use crate::kernels::gemm::{PackedF32, WeightRef};
 use crate::kernels::{self, Epilogue, PackedWeight, Precision, autograd, cpu_f32, profile};
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -95,20 +94,16 @@ impl Linear {
             Some((s, l)) => Some(cpu_f32(s, l)?),
             None => None,
         };
-        let w = match (&self.packed, &self.packed_f32) {
-            (Some(p), _) => WeightRef::Packed(p),
-            // Packed while AVX-512 was allowed; a lower ISA cap since then
-            // reads the plain weight.
-            (None, Some(p)) if rows <= SGEMM_MAX_ROWS && kernels::has_avx512() => {
-                WeightRef::PackedF32(p)
-            }
-            _ => WeightRef::F32 {
+        let w = match &self.packed {
+            Some(p) => WeightRef::Packed(p),
+            None => WeightRef::F32 {
                 data: cpu_f32(&ws, wl)?,
                 out_dim: n,
                 in_dim: k,
+                panels: self.packed_f32.as_deref(),
             },
         };
-        kernels::linear::linear(x, rows, w, bias, epilogue, out);
+        kernels::gemm::linear(x, rows, w, bias, epilogue, out);
         Ok(())
     }
 }

@@ -1,29 +1,20 @@
-//! Linear layers on weights packed once at load, with the bias and the next
-//! element-wise step (GELU, or the γ-scaled residual add) applied to each
-//! finished 32×32 output block while it is still in cache.
+//! bf16 and int8 linear layers on weights packed once at load, in AMX B-tile
+//! order, with the bias and the next element-wise step (GELU, or the γ-scaled
+//! residual add) applied to each finished 32×32 output block while it is
+//! still in cache. int8 is symmetric: one scale per weight row (output
+//! channel) and one per activation row (token).
 //!
-//! bf16 and int8 run on Intel AMX (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids
-//! and later), issued through inline assembly because Rust's AMX intrinsics
-//! are not stable. Tiles are 16 rows × 64 bytes; a 2×2 block of accumulator
-//! tiles covers 32×32 outputs. int8 is symmetric: one scale per weight row
-//! (output channel) and one per activation row (token).
-//!
-//! Without AMX, CPUs with AVX512-VNNI (int8) or AVX512-BF16 (bf16) run the
-//! same panels through their dot-product instructions ([`super::dot512`]).
-//! Elsewhere the same rounded operands go through an fp32 GEMM: the same
-//! numbers up to fp32 rounding of the sums, at fp32 speed.
+//! This file owns the layout, the activations' conversion, and the choice of
+//! kernel ([`Kernel`]): AMX tiles (`amx.rs`), AVX-512 dot products
+//! (`dot512.rs`), or, elsewhere, the same rounded operands through an fp32
+//! GEMM (the same numbers up to fp32 rounding of the sums, at fp32 speed).
+//! Plain loops over the layout are the reference the tests compare with.
 
-use super::math::gelu;
-use super::scratch::{self, Scratch};
+use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
+use super::{Epilogue, check_sizes};
+use crate::kernels::isa::{self, Isa};
+use crate::kernels::scratch::{self, Scratch};
 use rayon::prelude::*;
-
-/// Output columns per packed panel (two 16-column tiles).
-pub(super) const NB: usize = 32;
-/// Activation rows per block (two 16-row tiles).
-pub(super) const MB: usize = 32;
-/// Row blocks that share one pass over the weight panels: their activations
-/// (≤ 128 rows × in) stay in L2 while the panels stream past.
-pub(super) const CHUNK_MBLOCKS: usize = 4;
 
 /// Storage precision of a packed weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,68 +43,6 @@ impl Quant {
             Quant::Bf16 => 2,
             Quant::Int8 => 1,
         }
-    }
-}
-
-/// What happens to `acc + bias` before it lands in the output.
-#[derive(Debug, Clone, Copy)]
-pub enum Epilogue<'a> {
-    /// `out = acc + b`
-    Store,
-    /// `out = gelu(acc + b)` (exact erf GELU)
-    Gelu,
-    /// `out += γ ∘ (acc + b)`: `out` holds the residual stream.
-    Residual { gamma: Option<&'a [f32]> },
-}
-
-impl<'a> Epilogue<'a> {
-    /// The epilogue for output columns `cols` (slices the layer scale).
-    pub fn columns(self, cols: std::ops::Range<usize>) -> Self {
-        match self {
-            Epilogue::Residual { gamma: Some(g) } => Epilogue::Residual {
-                gamma: Some(&g[cols]),
-            },
-            e => e,
-        }
-    }
-}
-
-/// Splits an `rows × out` product into parallel tasks: chunks of
-/// [`CHUNK_MBLOCKS`] 32-row blocks (whose activations stay in L2 while the
-/// weight panels stream past) times groups of 32-column panels, enough
-/// tasks to keep every thread busy when there are few rows.
-pub(super) struct TaskGrid {
-    mblocks: usize,
-    panels: usize,
-    groups: usize,
-    per_group: usize,
-    pub tasks: usize,
-}
-
-impl TaskGrid {
-    pub fn new(rows: usize, out_dim: usize) -> Self {
-        let mblocks = rows.div_ceil(MB);
-        let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
-        let panels = out_dim.div_ceil(NB);
-        let groups = (4 * rayon::current_num_threads())
-            .div_ceil(mchunks)
-            .clamp(1, panels);
-        Self {
-            mblocks,
-            panels,
-            groups,
-            per_group: panels.div_ceil(groups),
-            tasks: mchunks * groups,
-        }
-    }
-
-    /// Task `i`'s row blocks and column panels.
-    pub fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-        let (mc, g) = (i / self.groups, i % self.groups);
-        (
-            mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(self.mblocks),
-            g * self.per_group..((g + 1) * self.per_group).min(self.panels),
-        )
     }
 }
 
@@ -293,7 +222,7 @@ impl PackedWeight {
         out: &mut [f32],
     ) {
         let dims = (self.out_dim, self.in_dim);
-        super::linear::check_sizes(x, rows, dims, bias, epilogue, out);
+        check_sizes(x, rows, dims, bias, epilogue, out);
         if rows == 0 || self.out_dim == 0 {
             return;
         }
@@ -309,17 +238,10 @@ impl PackedWeight {
             let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
             for p in panel_range {
                 match kernel {
-                    // SAFETY: `amx::available()` checked CPU and OS support;
-                    // activations are padded to whole blocks.
-                    Kernel::Amx => mblock_range
+                    Kernel::Amx | Kernel::Avx512Dot => mblock_range
                         .clone()
                         .zip(tiles.iter_mut())
-                        .for_each(|(mb, tile)| unsafe { self.block_amx(&acts, mb, p, tile) }),
-                    // SAFETY: `Kernel::select` checked the ISA level; as above.
-                    Kernel::Avx512Dot => mblock_range
-                        .clone()
-                        .zip(tiles.iter_mut())
-                        .for_each(|(mb, tile)| unsafe { self.block_dot(&acts, mb, p, tile) }),
+                        .for_each(|(mb, tile)| self.block_fast(kernel, &acts, mb, p, tile)),
                     Kernel::Reference | Kernel::Fp32Gemm => mblock_range
                         .clone()
                         .zip(tiles.iter_mut())
@@ -418,12 +340,8 @@ impl PackedWeight {
             }
         });
         let mut acc = scratch::take::<f32>(rows * n);
-        let weight = super::linear::WeightRef::F32 {
-            data: self.values_f32(),
-            out_dim: n,
-            in_dim: k,
-        };
-        super::linear::linear(&a, rows, weight, None, Epilogue::Store, &mut acc);
+        let w = self.values_f32();
+        super::f32_portable::matmul(&a, rows, w, (n, k), None, Epilogue::Store, &mut acc);
         let w_scales = (self.quant == Quant::Int8).then_some(self.scales.as_slice());
         out.par_chunks_mut(n)
             .zip(acc.par_chunks(n))
@@ -478,154 +396,47 @@ impl PackedWeight {
         }
     }
 
-    /// One 32×32 block on AMX: tiles 0–3 accumulate, 4–5 hold activations,
-    /// 6–7 the two weight tiles of the panel.
+    /// One 32×32 block on AMX or on AVX-512 dot products (int8 activations
+    /// shifted by 128 there), as `kernel` says.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn block_amx(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
-        use std::arch::asm;
-        amx::configure_thread();
-        let a_stride = self.k_pad * self.quant.elem_bytes();
-        let a0 = acts.bytes[mb * MB * a_stride..].as_ptr();
-        // SAFETY (whole block): activations are padded to whole 32-row blocks and
-        // whole k blocks, the panel to whole k blocks; tiles read 16 rows × 64 B.
-        unsafe {
-            let a1 = a0.add(16 * a_stride);
-            let b = self.panel(p).as_ptr();
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3"
-            );
-            for kblk in 0..self.k_pad / self.quant.k_block() {
-                let off = kblk * 64;
-                let b0 = b.add(kblk * 2048);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    a0 = in(reg) a0.add(off),
-                    a1 = in(reg) a1.add(off),
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b0.add(1024),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) 64usize,
-                    options(nostack, readonly),
-                );
-                match self.quant {
-                    Quant::Int8 => asm!(
-                        "tdpbssd tmm0, tmm4, tmm6",
-                        "tdpbssd tmm1, tmm4, tmm7",
-                        "tdpbssd tmm2, tmm5, tmm6",
-                        "tdpbssd tmm3, tmm5, tmm7",
-                        options(nostack, nomem),
-                    ),
-                    _ => asm!(
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        options(nostack, nomem),
-                    ),
-                }
-            }
-            let c = tile.as_mut_ptr() as *mut u8;
-            asm!(
-                "tilestored [{c0} + {sc}*1], tmm0",
-                "tilestored [{c1} + {sc}*1], tmm1",
-                "tilestored [{c2} + {sc}*1], tmm2",
-                "tilestored [{c3} + {sc}*1], tmm3",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(64),
-                c2 = in(reg) c.add(16 * NB * 4),
-                c3 = in(reg) c.add(16 * NB * 4 + 64),
-                sc = in(reg) NB * 4,
-                options(nostack),
-            );
-        }
-        if self.quant == Quant::Int8 {
-            for v in tile.iter_mut() {
-                *v = v.to_bits() as i32 as f32;
-            }
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn block_amx(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
-        self.block_reference(acts, mb, MB, p, tile)
-    }
-
-    /// One 32×32 block on AVX512-VNNI (int8, activations shifted by 128) or
-    /// AVX512-BF16 (bf16).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn block_dot(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
+    fn block_fast(
+        &self,
+        kernel: Kernel,
+        acts: &Activations,
+        mb: usize,
+        p: usize,
+        tile: &mut [f32; MB * NB],
+    ) {
         let stride = self.k_pad * self.quant.elem_bytes();
         let a = acts.bytes[mb * MB * stride..].as_ptr();
         let b = self.panel(p).as_ptr();
         let kblocks = self.k_pad / self.quant.k_block();
-        // SAFETY (both): the caller checked the ISA level; activations are
-        // padded to whole 32-row blocks and k blocks, the panel to k blocks.
-        match self.quant {
-            Quant::Int8 => {
+        let int8 = self.quant == Quant::Int8;
+        // SAFETY (every arm): `Kernel::select` checked that the CPU, the OS
+        // and the ISA cap allow the kernel; activations are padded to whole
+        // 32-row blocks and k blocks, the panel to whole k blocks.
+        match (kernel, self.quant) {
+            (Kernel::Amx, _) => unsafe { super::amx::block(a, stride, b, kblocks, int8, tile) },
+            (_, Quant::Int8) => {
                 let sums = self.col_sums[p * NB..(p + 1) * NB]
                     .try_into()
-                    .expect("32 sums");
+                    .expect("a panel has 32 column sums");
                 unsafe { super::dot512::block_int8(a, stride, b, kblocks, sums, tile) }
             }
-            Quant::Bf16 => unsafe { super::dot512::block_bf16(a, stride, b, kblocks, tile) },
+            (_, Quant::Bf16) => unsafe { super::dot512::block_bf16(a, stride, b, kblocks, tile) },
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn block_dot(&self, acts: &Activations, mb: usize, p: usize, tile: &mut [f32; MB * NB]) {
-        self.block_reference(acts, mb, MB, p, tile)
-    }
-}
-
-multiversion! {
-    /// One output row of a block: scale (int8), bias, then the epilogue.
-    pub(super) fn finish_row(
-        dst: &mut [f32],
-        acc: &[f32],
-        a_scale: f32,
-        w_scales: Option<&[f32]>,
-        bias: Option<&[f32]>,
-        epilogue: Epilogue
+    fn block_fast(
+        &self,
+        _kernel: Kernel,
+        acts: &Activations,
+        mb: usize,
+        p: usize,
+        tile: &mut [f32; MB * NB],
     ) {
-        let n = dst.len();
-        let mut v: [f32; NB] = acc.try_into().expect("a block row is 32 wide");
-        if let Some(ws) = w_scales {
-            for (v, &w) in v.iter_mut().zip(ws) {
-                *v *= a_scale * w;
-            }
-        }
-        if let Some(b) = bias {
-            for (v, &b) in v.iter_mut().zip(b) {
-                *v += b;
-            }
-        }
-        match epilogue {
-            Epilogue::Store => match <&mut [f32; NB]>::try_from(&mut *dst) {
-                Ok(full) => *full = v,
-                Err(_) => dst.copy_from_slice(&v[..n]),
-            },
-            Epilogue::Gelu => {
-                for (d, &v) in dst.iter_mut().zip(&v) {
-                    *d = gelu(v);
-                }
-            }
-            Epilogue::Residual { gamma: Some(g) } => {
-                for ((d, &v), &g) in dst.iter_mut().zip(&v).zip(g) {
-                    *d += g * v;
-                }
-            }
-            Epilogue::Residual { gamma: None } => {
-                for (d, &v) in dst.iter_mut().zip(&v) {
-                    *d += v;
-                }
-            }
-        }
+        self.block_reference(acts, mb, MB, p, tile)
     }
 }
 
@@ -655,34 +466,58 @@ impl Kernel {
     /// allow it, else the fastest allowed.
     fn select(quant: Quant) -> Self {
         let allowed = |k: Kernel| match k {
-            Kernel::Amx => amx::available(),
-            Kernel::Avx512Dot => dot_available(quant),
+            Kernel::Amx => amx_available(),
+            Kernel::Avx512Dot => dot_allowed(quant),
             Kernel::Fp32Gemm | Kernel::Reference => true,
         };
         match *FORCED.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(k) if allowed(k) => k,
-            _ => [Kernel::Amx, Kernel::Avx512Dot]
-                .into_iter()
-                .find(|&k| allowed(k))
-                .unwrap_or(Kernel::Fp32Gemm),
+            _ if amx_available() => Kernel::Amx,
+            _ if dot_allowed(quant) && dot_beats_fma(quant) => Kernel::Avx512Dot,
+            _ => Kernel::Fp32Gemm,
         }
     }
 }
 
 /// The AVX-512 dot-product instruction for `quant` may be used (CPU and cap).
-fn dot_available(quant: Quant) -> bool {
-    use super::isa::{Isa, active};
+fn dot_allowed(quant: Quant) -> bool {
     match quant {
-        Quant::Int8 => active() >= Isa::Avx512Vnni,
-        Quant::Bf16 => active() >= Isa::Avx512Bf16,
+        Quant::Int8 => isa::active() >= Isa::Avx512Vnni,
+        Quant::Bf16 => isa::active() >= Isa::Avx512Bf16,
     }
 }
 
-/// A dedicated kernel (AMX, or AVX-512 VNNI / BF16 dot products) runs `quant`
-/// on this CPU; otherwise it runs as an fp32 GEMM on the rounded operands:
-/// same numbers, no faster than fp32.
-pub fn accelerated(quant: Quant) -> bool {
-    Kernel::select(quant) != Kernel::Fp32Gemm
+/// AMX tiles with BF16 and INT8 are present, the OS let this process use
+/// them, and the ISA cap allows them.
+fn amx_available() -> bool {
+    isa::active() >= Isa::Amx
+}
+
+/// Whether the dot-product kernel beats the fp32 GEMM fallback. `vpdpbusd`
+/// issues at the rate of an FMA with 4× its products. On Intel, `vdpbf16ps`
+/// issues at about half that rate (measured on an Emerald Rapids Xeon: 1.1 G
+/// instructions/s against 2.2–2.9 for FMA on one core), so its 2× products
+/// win nothing and bf16 there runs as the fp32 fallback; AMD Zen 4 issues it
+/// at the FMA rate (per the published instruction tables; not measured here).
+fn dot_beats_fma(quant: Quant) -> bool {
+    match quant {
+        Quant::Int8 => true,
+        Quant::Bf16 => isa::cpu_vendor_is_amd(),
+    }
+}
+
+/// Why `quant` runs as an fp32 GEMM on the rounded operands here (same
+/// numbers, no faster than fp32); None when a dedicated kernel (AMX, or AVX-512
+/// VNNI / BF16 dot products) runs it.
+pub fn not_accelerated_because(quant: Quant) -> Option<&'static str> {
+    match (Kernel::select(quant), quant) {
+        (Kernel::Fp32Gemm, Quant::Int8) => Some("its kernels need AVX512-VNNI or AMX"),
+        (Kernel::Fp32Gemm, Quant::Bf16) if dot_allowed(quant) => Some(
+            "without AMX, this CPU's vdpbf16ps issues at half the FMA rate and its 2x products win nothing",
+        ),
+        (Kernel::Fp32Gemm, Quant::Bf16) => Some("its kernels need AMX (or AVX512-BF16 on AMD)"),
+        _ => None,
+    }
 }
 
 /// Activations prepared for one call: bf16/int8 rows padded with zeros to
@@ -751,73 +586,11 @@ multiversion! {
     }
 }
 
-/// Run-time AMX detection and per-thread tile configuration.
-pub mod amx {
-    /// AMX-TILE, -BF16 and -INT8 are present, the OS let this process use
-    /// tiles, and the ISA cap allows them.
-    pub fn available() -> bool {
-        crate::kernels::isa::active() >= crate::kernels::isa::Isa::Amx
-    }
-
-    /// Asks the kernel for the AMX tile state (Linux `arch_prctl`); false
-    /// where it refuses or the OS is not Linux. Called once, by the ISA
-    /// detection, after CPUID reported AMX.
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    pub(crate) fn request_permission() -> bool {
-        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-        const XFEATURE_XTILEDATA: i64 = 18;
-        let ret: i64;
-        // SAFETY: the syscall only asks the kernel for permission and touches no memory.
-        unsafe {
-            std::arch::asm!(
-                "syscall",
-                inlateout("rax") 158i64 => ret, // SYS_arch_prctl
-                in("rdi") ARCH_REQ_XCOMP_PERM,
-                in("rsi") XFEATURE_XTILEDATA,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
-        ret == 0
-    }
-
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    pub(crate) fn request_permission() -> bool {
-        false
-    }
-
-    thread_local! {
-        static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-
-    /// Loads the tile configuration (8 tiles of 16 rows × 64 bytes) once per thread.
-    #[cfg(target_arch = "x86_64")]
-    pub(super) fn configure_thread() {
-        CONFIGURED.with(|c| {
-            if !c.get() {
-                #[repr(C, align(64))]
-                struct Config([u8; 64]);
-                let mut cfg = Config([0; 64]);
-                cfg.0[0] = 1; // palette 1
-                for t in 0..8 {
-                    cfg.0[16 + 2 * t] = 64; // bytes per row
-                    cfg.0[48 + t] = 16; // rows
-                }
-                // SAFETY: only reached after `available()`; the config is valid for palette 1.
-                unsafe {
-                    std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-                }
-                c.set(true);
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::kernels::math::gelu;
     use crate::kernels::test_data as data;
 
     /// The activations as the kernels see them (rounded to bf16 / int8).
@@ -859,7 +632,7 @@ mod tests {
             force_kernel(Some(kernel));
             let ran = Kernel::select(quant);
             if kernel == Kernel::Avx512Dot {
-                assert_eq!(ran == kernel, dot_available(quant), "{quant:?}: {ran:?}");
+                assert_eq!(ran == kernel, dot_allowed(quant), "{quant:?}: {ran:?}");
             }
             type Expected<'a> = Box<dyn Fn(usize) -> f64 + 'a>;
             let cases: [(Epilogue, Expected); 3] = [

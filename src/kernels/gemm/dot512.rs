@@ -17,7 +17,7 @@
 //! `Σ (a + 128)·w − 128·Σ w = Σ a·w`, exactly, so the result equals AMX's
 //! `tdpbssd` bit for bit.
 
-use super::packed::{MB, NB};
+use super::blocks::{MB, NB};
 use std::arch::x86_64::*;
 
 /// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
@@ -57,7 +57,8 @@ impl Dot for Bf16 {
         // SAFETY: only inlined into functions compiled with AVX512-BF16; the
         // casts reinterpret 512 bits as 32 bf16 values or 16 f32 lanes.
         unsafe {
-            let (a, b): (__m512bh, __m512bh) = (std::mem::transmute(a), std::mem::transmute(b));
+            let a = std::mem::transmute::<__m512i, __m512bh>(a);
+            let b = std::mem::transmute::<__m512i, __m512bh>(b);
             _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc), a, b))
         }
     }

@@ -5,15 +5,10 @@
 //! passes over it. Each finished 32×32 block goes through the same epilogue
 //! as the AMX kernels.
 
-use super::packed::{CHUNK_MBLOCKS, Epilogue, MB, NB, TaskGrid, finish_row};
-use super::scratch;
+use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
+use super::{Epilogue, check_sizes};
+use crate::kernels::scratch;
 use rayon::prelude::*;
-
-/// Largest row count (batch × tokens) sent to this kernel; above it the
-/// `gemm` crate is faster. Measured on the base model's shapes (2 threads):
-/// at 197 rows this kernel ran at 124–136 GFLOP/s against `gemm`'s 81–134,
-/// at 1576 rows at 153–172 against 157–198.
-pub const SGEMM_MAX_ROWS: usize = 512;
 
 /// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
 const MR: usize = 12;
@@ -59,7 +54,7 @@ impl PackedF32 {
         self.in_dim
     }
 
-    /// `out ← epilogue(x·Wᵀ + b)`. Needs AVX-512F (see [`super::has_avx512`]).
+    /// `out ← epilogue(x·Wᵀ + b)`. Needs AVX-512F (see [`crate::kernels::has_avx512`]).
     pub fn matmul(
         &self,
         x: &[f32],
@@ -69,8 +64,11 @@ impl PackedF32 {
         out: &mut [f32],
     ) {
         let k = self.in_dim;
-        super::linear::check_sizes(x, rows, (self.out_dim, k), bias, epilogue, out);
-        assert!(super::has_avx512(), "the fp32 packed kernel needs AVX-512");
+        check_sizes(x, rows, (self.out_dim, k), bias, epilogue, out);
+        assert!(
+            crate::kernels::has_avx512(),
+            "the fp32 packed kernel needs AVX-512"
+        );
         if rows == 0 || self.out_dim == 0 {
             return;
         }

@@ -1,0 +1,99 @@
+//! The blocking shared by the packed kernels: 32×32 output blocks, parallel
+//! tasks over chunks of row blocks × groups of column panels, and the
+//! per-row epilogue applied to each finished block while it is in cache.
+
+use super::Epilogue;
+use crate::kernels::math::gelu;
+
+/// Output columns per packed panel (two 16-column tiles).
+pub const NB: usize = 32;
+/// Activation rows per block (two 16-row tiles).
+pub const MB: usize = 32;
+/// Row blocks that share one pass over the weight panels: their activations
+/// (≤ 128 rows × in) stay in L2 while the panels stream past.
+pub const CHUNK_MBLOCKS: usize = 4;
+
+/// Splits an `rows × out` product into parallel tasks: chunks of
+/// [`CHUNK_MBLOCKS`] 32-row blocks (whose activations stay in L2 while the
+/// weight panels stream past) times groups of 32-column panels, enough
+/// tasks to keep every thread busy when there are few rows.
+pub struct TaskGrid {
+    mblocks: usize,
+    panels: usize,
+    groups: usize,
+    per_group: usize,
+    pub tasks: usize,
+}
+
+impl TaskGrid {
+    pub fn new(rows: usize, out_dim: usize) -> Self {
+        let mblocks = rows.div_ceil(MB);
+        let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
+        let panels = out_dim.div_ceil(NB);
+        let groups = (4 * rayon::current_num_threads())
+            .div_ceil(mchunks)
+            .clamp(1, panels);
+        Self {
+            mblocks,
+            panels,
+            groups,
+            per_group: panels.div_ceil(groups),
+            tasks: mchunks * groups,
+        }
+    }
+
+    /// Task `i`'s row blocks and column panels.
+    pub fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let (mc, g) = (i / self.groups, i % self.groups);
+        (
+            mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(self.mblocks),
+            g * self.per_group..((g + 1) * self.per_group).min(self.panels),
+        )
+    }
+}
+
+multiversion! {
+    /// One output row of a block: scale (int8), bias, then the epilogue.
+    pub fn finish_row(
+        dst: &mut [f32],
+        acc: &[f32],
+        a_scale: f32,
+        w_scales: Option<&[f32]>,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue
+    ) {
+        let n = dst.len();
+        let mut v: [f32; NB] = acc.try_into().expect("a block row is 32 wide");
+        if let Some(ws) = w_scales {
+            for (v, &w) in v.iter_mut().zip(ws) {
+                *v *= a_scale * w;
+            }
+        }
+        if let Some(b) = bias {
+            for (v, &b) in v.iter_mut().zip(b) {
+                *v += b;
+            }
+        }
+        match epilogue {
+            Epilogue::Store => match <&mut [f32; NB]>::try_from(&mut *dst) {
+                Ok(full) => *full = v,
+                Err(_) => dst.copy_from_slice(&v[..n]),
+            },
+            Epilogue::Gelu => {
+                for (d, &v) in dst.iter_mut().zip(&v) {
+                    *d = gelu(v);
+                }
+            }
+            Epilogue::Residual { gamma: Some(g) } => {
+                for ((d, &v), &g) in dst.iter_mut().zip(&v).zip(g) {
+                    *d += g * v;
+                }
+            }
+            Epilogue::Residual { gamma: None } => {
+                for (d, &v) in dst.iter_mut().zip(&v) {
+                    *d += v;
+                }
+            }
+        }
+    }
+}
