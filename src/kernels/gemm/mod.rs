@@ -8,6 +8,7 @@
 //! | fp32 panels, ≤ [`F32_PANEL_MAX_ROWS`] rows | AVX-512 FMA micro-kernel | `f32_avx512.rs` |
 //! | bf16 / int8 panels | AMX tiles | `amx.rs` |
 //! | | AVX512-VNNI `vpdpbusd` / AVX512-BF16 `vdpbf16ps` | `dot512.rs` |
+//! | | int8 on AVX2 `vpmaddubsw` | `int8_avx2.rs` |
 //! | | fp32 GEMM on the rounded operands, or plain loops (tests) | `packed.rs` |
 //!
 //! `packed.rs` owns the bf16/int8 layout and the choice among its kernels;
@@ -21,6 +22,8 @@ mod blocks;
 mod dot512;
 mod f32_avx512;
 mod f32_portable;
+#[cfg(target_arch = "x86_64")]
+mod int8_avx2;
 mod packed;
 
 pub use f32_avx512::PackedF32;

@@ -97,16 +97,20 @@ fn pack_column<const KB: usize, const G: usize>(
     }
 }
 
-/// Symmetric int8 scale of a row: `max|x| / 127` (1 for an all-zero row).
-fn int8_scale(row: &[f32]) -> f32 {
+/// Symmetric scale of a row quantised to `−levels..=levels`: `max|x| / levels`
+/// (1 for an all-zero row).
+fn int8_scale(row: &[f32], levels: f32) -> f32 {
     let m = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
-    if m > 0.0 { m / 127.0 } else { 1.0 }
+    if m > 0.0 { m / levels } else { 1.0 }
 }
 
 #[inline(always)]
-fn to_i8(x: f32, inv_scale: f32) -> i8 {
-    (x * inv_scale).round().clamp(-127.0, 127.0) as i8
+fn to_i8(x: f32, inv_scale: f32, levels: f32) -> i8 {
+    (x * inv_scale).round().clamp(-levels, levels) as i8
 }
+
+/// Levels of the weights (and of the activations except on AVX2): full int8.
+const LEVELS: f32 = 127.0;
 
 impl PackedWeight {
     /// Index of element (column `col` of the panel, reduction index `k`) in a panel.
@@ -125,7 +129,10 @@ impl PackedWeight {
         let panels = out_dim.div_ceil(NB);
         let esize = quant.elem_bytes();
         let scales: Vec<f32> = match quant {
-            Quant::Int8 => w.par_chunks_exact(in_dim).map(int8_scale).collect(),
+            Quant::Int8 => w
+                .par_chunks_exact(in_dim)
+                .map(|r| int8_scale(r, LEVELS))
+                .collect(),
             Quant::Bf16 => Vec::new(),
         };
         let mut packed = Self {
@@ -152,7 +159,9 @@ impl PackedWeight {
                         }),
                         Quant::Int8 => {
                             let inv = 1.0 / packed.scales[n];
-                            pack_column::<64, 4>(row, col, |i, v| panel[i] = to_i8(v, inv) as u8)
+                            pack_column::<64, 4>(row, col, |i, v| {
+                                panel[i] = to_i8(v, inv, LEVELS) as u8
+                            })
                         }
                     }
                 }
@@ -227,7 +236,7 @@ impl PackedWeight {
             return;
         }
         let kernel = Kernel::select(self.quant);
-        let acts = Activations::convert(x, rows, self, kernel == Kernel::Avx512Dot);
+        let acts = Activations::convert(x, rows, self, kernel);
         if kernel == Kernel::Fp32Gemm {
             return self.matmul_fp32(&acts, rows, bias, epilogue, out);
         }
@@ -238,7 +247,7 @@ impl PackedWeight {
             let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
             for p in panel_range {
                 match kernel {
-                    Kernel::Amx | Kernel::Avx512Dot => mblock_range
+                    Kernel::Amx | Kernel::Avx512Dot | Kernel::Avx2Int8 => mblock_range
                         .clone()
                         .zip(tiles.iter_mut())
                         .for_each(|(mb, tile)| self.block_fast(kernel, &acts, mb, p, tile)),
@@ -417,6 +426,12 @@ impl PackedWeight {
         // 32-row blocks and k blocks, the panel to whole k blocks.
         match (kernel, self.quant) {
             (Kernel::Amx, _) => unsafe { super::amx::block(a, stride, b, kblocks, int8, tile) },
+            (Kernel::Avx2Int8, _) => {
+                let sums = self.col_sums[p * NB..(p + 1) * NB]
+                    .try_into()
+                    .expect("a panel has 32 column sums");
+                unsafe { super::int8_avx2::block(a, stride, b, kblocks, sums, tile) }
+            }
             (_, Quant::Int8) => {
                 let sums = self.col_sums[p * NB..(p + 1) * NB]
                     .try_into()
@@ -447,6 +462,8 @@ pub enum Kernel {
     Amx,
     /// AVX-512 dot products: `vpdpbusd` (VNNI) for int8, `vdpbf16ps` for bf16.
     Avx512Dot,
+    /// int8 on AVX2 (`vpmaddubsw` + `vpmaddwd`), activations at 7 bits.
+    Avx2Int8,
     /// Without AMX: the rounded operands as f32 through the `gemm` crate
     /// (the same numbers up to fp32 rounding of the sums, at fp32 speed).
     Fp32Gemm,
@@ -468,13 +485,34 @@ impl Kernel {
         let allowed = |k: Kernel| match k {
             Kernel::Amx => amx_available(),
             Kernel::Avx512Dot => dot_allowed(quant),
+            Kernel::Avx2Int8 => quant == Quant::Int8 && isa::active() >= Isa::Avx2,
             Kernel::Fp32Gemm | Kernel::Reference => true,
         };
         match *FORCED.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(k) if allowed(k) => k,
             _ if amx_available() => Kernel::Amx,
             _ if dot_allowed(quant) && dot_beats_fma(quant) => Kernel::Avx512Dot,
+            _ if allowed(Kernel::Avx2Int8) => Kernel::Avx2Int8,
             _ => Kernel::Fp32Gemm,
+        }
+    }
+
+    /// int8 activation levels: `−levels..=levels` (7 bits on AVX2, where
+    /// `vpmaddubsw`'s i16 pair sums must not saturate).
+    fn act_levels(self) -> f32 {
+        match self {
+            Kernel::Avx2Int8 => 63.0,
+            _ => LEVELS,
+        }
+    }
+
+    /// What the int8 activations are stored as: `q + offset` (the dot-product
+    /// instructions take them unsigned).
+    fn act_offset(self) -> u8 {
+        match self {
+            Kernel::Avx512Dot => 128,
+            Kernel::Avx2Int8 => super::int8_avx2::ACT_OFFSET as u8,
+            _ => 0,
         }
     }
 }
@@ -511,7 +549,7 @@ fn dot_beats_fma(quant: Quant) -> bool {
 /// VNNI / BF16 dot products) runs it.
 pub fn not_accelerated_because(quant: Quant) -> Option<&'static str> {
     match (Kernel::select(quant), quant) {
-        (Kernel::Fp32Gemm, Quant::Int8) => Some("its kernels need AVX512-VNNI or AMX"),
+        (Kernel::Fp32Gemm, Quant::Int8) => Some("its kernels need AVX2, AVX512-VNNI or AMX"),
         (Kernel::Fp32Gemm, Quant::Bf16) if dot_allowed(quant) => Some(
             "without AMX, this CPU's vdpbf16ps issues at half the FMA rate and its 2x products win nothing",
         ),
@@ -530,11 +568,12 @@ struct Activations {
 }
 
 impl Activations {
-    /// `shifted`: int8 stored as `q + 128` (u8), for `vpdpbusd`.
-    fn convert(x: &[f32], rows: usize, w: &PackedWeight, shifted: bool) -> Self {
+    /// int8 with `kernel`'s levels and offset.
+    fn convert(x: &[f32], rows: usize, w: &PackedWeight, kernel: Kernel) -> Self {
         let (k, k_pad, quant) = (w.in_dim, w.k_pad, w.quant);
+        let (levels, offset) = (kernel.act_levels(), kernel.act_offset());
         let scales: Vec<f32> = match quant {
-            Quant::Int8 => x.par_chunks(k).map(int8_scale).collect(),
+            Quant::Int8 => x.par_chunks(k).map(|r| int8_scale(r, levels)).collect(),
             Quant::Bf16 => Vec::new(),
         };
         let esize = quant.elem_bytes();
@@ -546,8 +585,8 @@ impl Activations {
             .zip(x.par_chunks(k))
             .zip(scales.par_iter().chain(rayon::iter::repeat_n(&1.0, rows)))
             .for_each(|((dst, src), &scale)| {
-                let flip = if shifted { 0x80 } else { 0 };
-                convert_row(dst, src, quant == Quant::Int8, scale, flip)
+                let int8 = (quant == Quant::Int8).then_some((scale, levels, offset));
+                convert_row(dst, src, int8)
             });
         Self {
             bytes,
@@ -567,14 +606,14 @@ impl Activations {
 }
 
 multiversion! {
-    /// One activation row to bf16 (round to nearest even) or to int8 with
-    /// `scale` (its bytes XORed with `flip`: 0x80 adds 128), zero-filling the
-    /// k padding.
-    fn convert_row(dst: &mut [u8], src: &[f32], int8: bool, scale: f32, flip: u8) {
-        if int8 {
+    /// One activation row to bf16 (round to nearest even), or to int8 with
+    /// `(scale, levels, offset)` stored as `q + offset`, zero-filling the k
+    /// padding.
+    fn convert_row(dst: &mut [u8], src: &[f32], int8: Option<(f32, f32, u8)>) {
+        if let Some((scale, levels, offset)) = int8 {
             let inv = 1.0 / scale;
             for (d, &v) in dst.iter_mut().zip(src) {
-                *d = to_i8(v, inv) as u8 ^ flip;
+                *d = (to_i8(v, inv, levels) as u8).wrapping_add(offset);
             }
             dst[src.len()..].fill(0);
         } else {
@@ -593,13 +632,16 @@ mod tests {
     use crate::kernels::math::gelu;
     use crate::kernels::test_data as data;
 
-    /// The activations as the kernels see them (rounded to bf16 / int8).
-    fn quantised_row(r: &[f32], quant: Quant) -> Vec<f32> {
+    /// The activations as the kernels see them (rounded to bf16, or to int8
+    /// with `levels`).
+    fn quantised_row(r: &[f32], quant: Quant, levels: f32) -> Vec<f32> {
         match quant {
             Quant::Bf16 => r.iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect(),
             Quant::Int8 => {
-                let s = int8_scale(r);
-                r.iter().map(|&v| to_i8(v, 1.0 / s) as f32 * s).collect()
+                let s = int8_scale(r, levels);
+                r.iter()
+                    .map(|&v| to_i8(v, 1.0 / s, levels) as f32 * s)
+                    .collect()
             }
         }
     }
@@ -613,27 +655,38 @@ mod tests {
         let packed = PackedWeight::pack(&w, n, k, quant);
         let wu = packed.unpack();
         // acc + b in f64 from the dequantised operands.
-        let mut lin = vec![0f64; rows * n];
-        for m in 0..rows {
-            let xr = quantised_row(&x[m * k..(m + 1) * k], quant);
-            for j in 0..n {
-                let s: f64 = (0..k).map(|i| xr[i] as f64 * wu[j * k + i] as f64).sum();
-                lin[m * n + j] = s + bias[j] as f64;
+        let linear_f64 = |levels: f32| {
+            let mut lin = vec![0f64; rows * n];
+            for m in 0..rows {
+                let xr = quantised_row(&x[m * k..(m + 1) * k], quant, levels);
+                for j in 0..n {
+                    let s: f64 = (0..k).map(|i| xr[i] as f64 * wu[j * k + i] as f64).sum();
+                    lin[m * n + j] = s + bias[j] as f64;
+                }
             }
-        }
-        // int8 sums are exact integers: every kernel's output is the same bits.
+            lin
+        };
+        // int8 sums are exact integers: kernels with the same activation
+        // levels give the same bits.
         let mut int8_outputs: Vec<(Kernel, Vec<f32>)> = Vec::new();
         for kernel in [
             Kernel::Amx,
             Kernel::Avx512Dot,
+            Kernel::Avx2Int8,
             Kernel::Fp32Gemm,
             Kernel::Reference,
         ] {
             force_kernel(Some(kernel));
             let ran = Kernel::select(quant);
-            if kernel == Kernel::Avx512Dot {
-                assert_eq!(ran == kernel, dot_allowed(quant), "{quant:?}: {ran:?}");
+            match kernel {
+                Kernel::Avx512Dot => assert_eq!(ran == kernel, dot_allowed(quant)),
+                Kernel::Avx2Int8 => assert_eq!(
+                    ran == kernel,
+                    quant == Quant::Int8 && isa::active() >= Isa::Avx2
+                ),
+                _ => {}
             }
+            let lin = linear_f64(ran.act_levels());
             type Expected<'a> = Box<dyn Fn(usize) -> f64 + 'a>;
             let cases: [(Epilogue, Expected); 3] = [
                 (Epilogue::Store, Box::new(|i| lin[i])),
@@ -649,7 +702,10 @@ mod tests {
                 let mut out = resid.clone();
                 packed.matmul(&x, rows, Some(&bias), epilogue, &mut out);
                 if quant == Quant::Int8 && matches!(epilogue, Epilogue::Store) {
-                    if let Some((first, bits)) = int8_outputs.first() {
+                    let same_levels = int8_outputs
+                        .iter()
+                        .find(|(prev, _)| prev.act_levels() == ran.act_levels());
+                    if let Some((first, bits)) = same_levels {
                         assert!(
                             bits.iter()
                                 .zip(&out)
