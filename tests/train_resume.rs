@@ -305,3 +305,50 @@ fn full_disk_keeps_the_last_checkpoint_and_resumes_after_space_is_freed() {
     Command::new("umount").arg(&small).status().unwrap();
     std::fs::remove_dir_all(tmp).unwrap();
 }
+
+/// `schedule.eval_every = 2` over 3 epochs evaluates after epochs 2 and 3
+/// only, and the training itself is unchanged: the same weights, and the
+/// same evaluations where both runs made one.
+#[test]
+fn evaluation_every_n_epochs_keeps_the_last_and_changes_no_weights() {
+    let tmp = std::env::temp_dir().join(format!("beitv2-evalevery-{}", std::process::id()));
+    let data = tmp.join("data");
+    write_class_folders(&data, 8, (16, 16));
+    let (a_dir, b_dir) = (tmp.join("a"), tmp.join("b"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let ra = recipe(&a_dir, &data, &a_dir.join("out"));
+    let rb = recipe(&b_dir, &data, &b_dir.join("out"));
+    let a = finetune(&ra, None);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let b = Command::new(env!("CARGO_BIN_EXE_beitv2"))
+        .args(["finetune", "--recipe", rb.to_str().unwrap()])
+        .args(["--set", "schedule.eval_every=2"])
+        .output()
+        .unwrap();
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let val = |d: &Path| -> Vec<serde_json::Value> {
+        metrics_without_time(&d.join("out"))
+            .into_iter()
+            .filter(|r| r["kind"] == "val")
+            .collect()
+    };
+    let (va, vb) = (val(&a_dir), val(&b_dir));
+    let epochs = |v: &[serde_json::Value]| v.iter().map(|r| r["epoch"].clone()).collect::<Vec<_>>();
+    assert_eq!(epochs(&va), [1, 2, 3].map(serde_json::Value::from));
+    assert_eq!(epochs(&vb), [2, 3].map(serde_json::Value::from));
+    assert_eq!(vb[..], va[1..]);
+    let load = |d: &Path| std::fs::read(d.join("out/model-last.safetensors")).unwrap();
+    assert!(
+        load(&a_dir) == load(&b_dir),
+        "eval_every changed the weights"
+    );
+    let zero = Command::new(env!("CARGO_BIN_EXE_beitv2"))
+        .args(["finetune", "--recipe", rb.to_str().unwrap()])
+        .args(["--set", "schedule.eval_every=0"])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success());
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("schedule.eval_every"));
+    std::fs::remove_dir_all(tmp).unwrap();
+}

@@ -134,8 +134,8 @@ struct Sizes {
     pretrain_limit: usize,
     pretrain_epochs: usize,
     /// (label fraction in percent, fine-tuning epochs, warmup epochs, step
-    /// budget or 0).
-    finetune: &'static [(usize, usize, usize, usize)],
+    /// budget or 0, evaluation every N epochs).
+    finetune: &'static [(usize, usize, usize, usize, usize)],
     probe_percent: usize,
     probe_epochs: usize,
     batch_size: usize,
@@ -151,7 +151,7 @@ impl Sizes {
                 tokenizer_epochs: 1,
                 pretrain_limit: 0,
                 pretrain_epochs: 1,
-                finetune: &[(10, 1, 0, 0), (100, 1, 0, 3)],
+                finetune: &[(10, 1, 0, 0, 1), (100, 1, 0, 3, 1)],
                 probe_percent: 100,
                 probe_epochs: 1,
                 batch_size: 16,
@@ -163,7 +163,7 @@ impl Sizes {
                 tokenizer_epochs: 1,
                 pretrain_limit: 15_000,
                 pretrain_epochs: 3,
-                finetune: &[(1, 5, 1, 0), (10, 2, 0, 0), (100, 1, 0, 150)],
+                finetune: &[(1, 5, 1, 0, 1), (10, 2, 0, 0, 1), (100, 1, 0, 150, 1)],
                 probe_percent: 10,
                 probe_epochs: 2,
                 batch_size: 128,
@@ -171,7 +171,9 @@ impl Sizes {
             // 30 epochs with all labels: `recipes/fashion-mnist.toml` from
             // scratch for 20 epochs (1 of warmup) reached 89.85% (README,
             // `--full`). With 5 steps an epoch, 1% of the labels warms up
-            // for 10 epochs (50 steps).
+            // for 10 epochs (50 steps). Evaluating the 10,000 test images
+            // costs more than an epoch of 600 or 6,000 training images, so the
+            // small runs evaluate every 10 / 5 epochs (and after the last).
             Profile::Full => Sizes {
                 teacher_epochs: 40,
                 teacher_limit: 0,
@@ -179,7 +181,7 @@ impl Sizes {
                 tokenizer_epochs: 2,
                 pretrain_limit: 0,
                 pretrain_epochs: 10,
-                finetune: &[(1, 50, 10, 0), (10, 30, 3, 0), (100, 30, 2, 0)],
+                finetune: &[(1, 50, 10, 0, 10), (10, 30, 3, 0, 5), (100, 30, 2, 0, 3)],
                 probe_percent: 100,
                 probe_epochs: 5,
                 batch_size: 128,
@@ -452,7 +454,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let mut rows = Vec::new();
     let limit = |pct: usize| ((n_train * pct).div_ceil(100)).max(bs);
-    for &(pct, epochs, warmup, max_steps) in sz.finetune {
+    for &(pct, epochs, warmup, max_steps, eval_every) in sz.finetune {
         for (init, weights) in [("pretrained", Some(&pre_w)), ("scratch", None)] {
             let name = format!("finetune-{init}-{pct}pct");
             let v = stage(&out, &name, |dir| {
@@ -464,6 +466,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     format!("schedule.epochs={epochs}"),
                     format!("schedule.warmup_epochs={warmup}"),
                     format!("schedule.max_steps={max_steps}"),
+                    format!("schedule.eval_every={eval_every}"),
                 ]);
                 if let Some(w) = weights {
                     sets.push(format!("model.weights={}", q(w)));

@@ -773,7 +773,9 @@ fn run_steps<T: SampleTransform + 'static>(
         pb.finish_and_clear();
         progress.epoch += 1;
         progress.batch = 0;
-        if let Some(r) = obj.end_epoch(progress.epoch)? {
+        let last = progress.epoch >= schedule.epochs || done(&progress);
+        let due = progress.epoch % schedule.eval_every.max(1) == 0 || last;
+        if due && let Some(r) = obj.end_epoch(progress.epoch)? {
             eprintln!("epoch {}: {}", progress.epoch, r.summary);
             let mut record = serde_json::json!({
                 "kind": r.kind, "step": progress.step, "epoch": progress.epoch,

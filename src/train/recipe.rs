@@ -55,6 +55,15 @@ pub struct ScheduleSection {
     /// and the run ends with the end-of-epoch evaluation and exports.
     #[serde(default)]
     pub max_steps: usize,
+    /// End-of-epoch evaluation every N epochs, and always after the last
+    /// (1 = every epoch). Evaluation on a large test set can cost more than
+    /// an epoch of a small labelled subset.
+    #[serde(default = "every_epoch")]
+    pub eval_every: usize,
+}
+
+fn every_epoch() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +107,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "model.weights",
     "model.num_classes",
     "schedule.max_steps",
+    "schedule.eval_every",
 ];
 
 /// Every valid `section.key` of a recipe.
@@ -239,6 +249,9 @@ impl Recipe {
         }
         if self.schedule.epochs == 0 {
             bail!("schedule.epochs must be at least 1");
+        }
+        if self.schedule.eval_every == 0 {
+            bail!("schedule.eval_every must be at least 1");
         }
         if self.optim.lr.is_nan() || self.optim.lr <= 0.0 || self.optim.min_lr < 0.0 {
             bail!("optim.lr must be positive and optim.min_lr non-negative");

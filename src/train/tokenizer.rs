@@ -546,6 +546,8 @@ pub fn train_tokenizer(recipe: &TokenizerRecipe, resume: bool) -> Result<PathBuf
         warmup_epochs: recipe.schedule.warmup_epochs,
         accum_steps: 1,
         max_steps: 0,
+        // The codebook statistics of every epoch (`end_epoch`).
+        eval_every: 1,
     };
     let loop_cfg = LoopConfig {
         schedule: &schedule,
