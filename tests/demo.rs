@@ -159,6 +159,23 @@ fn smoke_pipeline_runs_every_stage_and_reports_the_logged_numbers() {
     assert!(again.status.success(), "{err}");
     assert!(err.contains("[pretrain] done earlier: skipped"), "{err}");
     assert!(!err.contains("[pretrain] running"), "{err}");
+
+    // Killed after a run's final checkpoint but before the demo recorded its
+    // stage: the re-run takes the logged result instead of failing.
+    let stages = ["finetune-scratch-10pct", "linprobe-scratch"];
+    let before: Vec<_> = stages
+        .iter()
+        .map(|s| json(&out.join(s).join("stage.json"))["top1"].clone())
+        .collect();
+    for s in stages {
+        std::fs::remove_file(out.join(s).join("stage.json")).unwrap();
+    }
+    let third = demo();
+    let err = String::from_utf8_lossy(&third.stderr).to_string();
+    assert!(third.status.success(), "{err}");
+    for (s, want) in stages.iter().zip(&before) {
+        assert_eq!(&json(&out.join(s).join("stage.json"))["top1"], want, "{s}");
+    }
     std::fs::remove_dir_all(tmp).unwrap();
 }
 
