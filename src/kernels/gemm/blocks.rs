@@ -12,6 +12,9 @@ pub const MB: usize = 32;
 /// Row blocks that share one pass over the weight panels: their activations
 /// (≤ 128 rows × in) stay in L2 while the panels stream past.
 pub const CHUNK_MBLOCKS: usize = 4;
+/// What the AVX2 int8 kernel's 7-bit activations are stored as: `q + 64`
+/// (`int8_avx2.rs`; here so that the layout code builds on every target).
+pub const AVX2_INT8_OFFSET: i32 = 64;
 
 /// Splits an `rows × out` product into parallel tasks: chunks of
 /// [`CHUNK_MBLOCKS`] 32-row blocks (whose activations stay in L2 while the

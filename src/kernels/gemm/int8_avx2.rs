@@ -14,15 +14,13 @@
 //! block is computed as 8 × 2 micro-panels of 4 rows × 16 columns, each
 //! holding its 8 accumulators in registers over the whole reduction.
 
-use super::blocks::{MB, NB};
+use super::blocks::{AVX2_INT8_OFFSET as ACT_OFFSET, MB, NB};
 use std::arch::x86_64::*;
 
 /// Rows per micro-panel.
 const MR: usize = 4;
 /// Bytes of one k block of a panel (two tiles of 16 groups × 64 bytes).
 const KBLOCK_BYTES: usize = 2048;
-/// The offset added to the 7-bit activations.
-pub(super) const ACT_OFFSET: i32 = 64;
 
 /// `MR` rows × 16 columns (tile `t` of the panel): `c[r][..] = Σ_k a·w − comp`.
 ///

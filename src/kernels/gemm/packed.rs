@@ -511,7 +511,7 @@ impl Kernel {
     fn act_offset(self) -> u8 {
         match self {
             Kernel::Avx512Dot => 128,
-            Kernel::Avx2Int8 => super::int8_avx2::ACT_OFFSET as u8,
+            Kernel::Avx2Int8 => super::blocks::AVX2_INT8_OFFSET as u8,
             _ => 0,
         }
     }
