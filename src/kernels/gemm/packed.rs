@@ -421,23 +421,24 @@ impl PackedWeight {
         let b = self.panel(p).as_ptr();
         let kblocks = self.k_pad / self.quant.k_block();
         let int8 = self.quant == Quant::Int8;
+        // The int8 dot-product kernels take the activations' offset back out
+        // through the panel's column sums (empty for bf16).
+        let sums = || -> &[i32; NB] {
+            self.col_sums[p * NB..(p + 1) * NB]
+                .try_into()
+                .expect("a panel has 32 column sums")
+        };
         // SAFETY (every arm): `Kernel::select` checked that the CPU, the OS
         // and the ISA cap allow the kernel; activations are padded to whole
         // 32-row blocks and k blocks, the panel to whole k blocks.
         match (kernel, self.quant) {
             (Kernel::Amx, _) => unsafe { super::amx::block(a, stride, b, kblocks, int8, tile) },
-            (Kernel::Avx2Int8, _) => {
-                let sums = self.col_sums[p * NB..(p + 1) * NB]
-                    .try_into()
-                    .expect("a panel has 32 column sums");
-                unsafe { super::int8_avx2::block(a, stride, b, kblocks, sums, tile) }
-            }
-            (_, Quant::Int8) => {
-                let sums = self.col_sums[p * NB..(p + 1) * NB]
-                    .try_into()
-                    .expect("a panel has 32 column sums");
-                unsafe { super::dot512::block_int8(a, stride, b, kblocks, sums, tile) }
-            }
+            (Kernel::Avx2Int8, _) => unsafe {
+                super::int8_avx2::block(a, stride, b, kblocks, sums(), tile)
+            },
+            (_, Quant::Int8) => unsafe {
+                super::dot512::block_int8(a, stride, b, kblocks, sums(), tile)
+            },
             (_, Quant::Bf16) => unsafe { super::dot512::block_bf16(a, stride, b, kblocks, tile) },
         }
     }
