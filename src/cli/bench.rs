@@ -384,7 +384,7 @@ fn bench_train_step(args: &BenchArgs) -> Result<()> {
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        opt.step(&grads, lr)?;
+        opt.step(&grads, lr, 1.0)?;
         let t3 = Instant::now();
         phases.push([t1 - t0, t2 - t1, t3 - t2, t3 - t0].map(|d| d.as_secs_f64()));
     }
@@ -419,7 +419,7 @@ fn bench_pretrain_step(args: &BenchArgs) -> Result<()> {
     use crate::data::masking::MaskingGenerator;
     use crate::model::mim::MimConfig;
     use crate::model::vqkd::{Vqkd, VqkdConfig};
-    use crate::train::optim::{DecayRule, clip_grad_norm};
+    use crate::train::optim::{DecayRule, grad_clip};
     use crate::train::pretrain::{MimBatch, Student, init_mim_weights, mim_loss, targets};
     let cfg = MimConfig::preset(&args.arch)?;
     let mut tcfg = VqkdConfig::preset("vqkd_encoder_base_decoder_3x768x12_clip")?;
@@ -478,10 +478,10 @@ fn bench_pretrain_step(args: &BenchArgs) -> Result<()> {
         let t1 = Instant::now();
         let l = mim_loss(&student.model, &batch, ids, Some(&mut rng))?;
         let t2 = Instant::now();
-        let mut grads = l.loss.backward()?;
+        let grads = l.loss.backward()?;
         let t3 = Instant::now();
-        clip_grad_norm(&mut grads, &opt.params, optim.clip_grad)?;
-        opt.step(&grads, optim.lr)?;
+        let clip = grad_clip(&grads, &opt.params, optim.clip_grad)?;
+        opt.step(&grads, optim.lr, clip.scale)?;
         let t4 = Instant::now();
         phases.push([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0].map(|d| d.as_secs_f64()));
     }

@@ -109,6 +109,39 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R>
     f(cpu_f32(&storage, layout)?)
 }
 
+/// Calls `f` with the f32 values of `t`, writable: `t`'s own storage (and
+/// that of every tensor sharing it, as a [`candle_core::Var`]'s does), so
+/// that an update in place needs neither a new buffer nor a copy back.
+/// `t` must be a contiguous f32 CPU tensor.
+pub fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> Result<R> {
+    struct InPlace<F, R> {
+        f: std::cell::RefCell<Option<F>>,
+        out: std::cell::RefCell<Option<Result<R>>>,
+    }
+    impl<F: FnOnce(&mut [f32]) -> Result<R>, R> candle_core::InplaceOp1 for InPlace<F, R> {
+        fn name(&self) -> &'static str {
+            "beitv2-in-place"
+        }
+        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let CpuStorage::F32(v) = storage else {
+                candle_core::bail!("in-place update: expected an f32 CPU tensor")
+            };
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                candle_core::bail!("in-place update: tensor is not contiguous")
+            };
+            let f = self.f.borrow_mut().take().expect("the op runs once");
+            *self.out.borrow_mut() = Some(f(&mut v[a..b]));
+            Ok(())
+        }
+    }
+    let op = InPlace {
+        f: std::cell::RefCell::new(Some(f)),
+        out: std::cell::RefCell::new(None),
+    };
+    t.inplace_op1(&op)?;
+    op.out.into_inner().expect("the op ran")
+}
+
 /// Whether `t` can take the fused path: a constant f32 tensor on the CPU.
 pub fn is_plain_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op()

@@ -10,7 +10,7 @@
 
 use super::charts::{Chart, Series, save_panels};
 use super::loss::{correct_top_k, smoothed_targets, soft_target_cross_entropy};
-use super::optim::{AdamW, DecayRule, OptimConfig, clip_grad_norm, cosine_lr};
+use super::optim::{AdamW, DecayRule, OptimConfig, cosine_lr, grad_clip};
 use super::recipe::{Recipe, RunSection, ScheduleSection};
 use crate::data::augment::{Mixup, TrainTransform};
 use crate::data::dataset::Dataset;
@@ -735,9 +735,10 @@ fn run_steps<T: SampleTransform + 'static>(
                 total,
                 progress.step as usize,
             );
-            let mut g = grads.take().unwrap_or_default();
-            let grad_norm = clip_grad_norm(&mut g, &opt.params, cfg.optim.clip_grad)?;
-            opt.step(&g, lr)?;
+            let g = grads.take().unwrap_or_default();
+            let clip = grad_clip(&g, &opt.params, cfg.optim.clip_grad)?;
+            let grad_norm = clip.norm;
+            opt.step(&g, lr, clip.scale)?;
             drop(g);
             progress.step += 1;
             metrics.extend(obj.after_step(progress.step, &mut rng)?);

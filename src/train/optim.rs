@@ -3,7 +3,7 @@
 //! relative-position tables), the unilm cosine schedule, and gradient clipping
 //! by global norm — each with PyTorch's arithmetic (spec F.5, G.2, M).
 
-use crate::kernels::with_f32;
+use crate::kernels::{with_f32, with_f32_mut};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -159,9 +159,11 @@ impl AdamW {
 
     /// One AdamW step at base learning rate `lr` (each parameter uses
     /// `lr · lr_scale`), as `torch.optim.AdamW`: decoupled decay first, then
-    /// `p −= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`. Parameters without a
-    /// gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// `p −= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`. Every gradient is first
+    /// multiplied by `grad_scale` ([`GradClip::scale`], 1 for none), as
+    /// `clip_grad_norm_` does before the step. Parameters without a gradient
+    /// are left alone. Weights and moments are updated in place, in one pass.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f32) -> Result<()> {
         self.step += 1;
         let [b1, b2] = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.step as i32);
@@ -173,6 +175,7 @@ impl AdamW {
             };
             let plr = lr * p.group.lr_scale;
             let consts = AdamConsts {
+                grad_scale,
                 decay: (1.0 - plr * p.group.weight_decay) as f32,
                 b1: b1 as f32,
                 one_minus_b1: (1.0 - b1) as f32,
@@ -182,21 +185,27 @@ impl AdamW {
                 eps: cfg.eps as f32,
                 step_size: (plr / bc1) as f32,
             };
-            let w = p.var.as_tensor().detach();
-            let (w, m, v) = with_f32(&w, |w| {
-                with_f32(g, |g| {
-                    with_f32(&p.exp_avg, |m| {
-                        with_f32(&p.exp_avg_sq, |v| Ok(adamw_update(w, g, m, v, &consts)))
+            with_f32(g, |g| {
+                with_f32_mut(p.var.as_tensor(), |w| {
+                    with_f32_mut(&p.exp_avg, |m| {
+                        with_f32_mut(&p.exp_avg_sq, |v| {
+                            if g.len() != w.len() || m.len() != w.len() || v.len() != w.len() {
+                                candle_core::bail!(
+                                    "AdamW: {} has {} values, its gradient {} and moments {} / {}",
+                                    p.name,
+                                    w.len(),
+                                    g.len(),
+                                    m.len(),
+                                    v.len()
+                                );
+                            }
+                            adamw_update(w, g, m, v, &consts);
+                            Ok(())
+                        })
                     })
                 })
-            })?;
-            let (shape, dev) = (p.var.as_tensor().shape().clone(), p.var.device().clone());
-            p.exp_avg = Tensor::from_vec(m, shape.clone(), &dev)?;
-            p.exp_avg_sq = Tensor::from_vec(v, shape.clone(), &dev)?;
-            p.var
-                .set(&Tensor::from_vec(w, shape, &dev)?)
-                .with_context(|| format!("updating {}", p.name))?;
-            Ok(())
+            })
+            .with_context(|| format!("updating {}", p.name))
         })?;
         Ok(())
     }
@@ -204,6 +213,7 @@ impl AdamW {
 
 /// Per-parameter scalars of one AdamW step, as f32.
 struct AdamConsts {
+    grad_scale: f32,
     decay: f32,
     b1: f32,
     one_minus_b1: f32,
@@ -214,53 +224,67 @@ struct AdamConsts {
     step_size: f32,
 }
 
-/// One fused AdamW update of a parameter: new (weight, exp_avg, exp_avg_sq),
-/// with the operation order of `torch.optim.AdamW` (decay first; candle's
-/// scalar division is a multiplication by the reciprocal).
-fn adamw_update(
-    w: &[f32],
-    g: &[f32],
-    m: &[f32],
-    v: &[f32],
-    c: &AdamConsts,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut nw = Vec::with_capacity(w.len());
-    let mut nm = Vec::with_capacity(w.len());
-    let mut nv = Vec::with_capacity(w.len());
-    for i in 0..w.len() {
-        let mi = m[i] * c.b1 + g[i] * c.one_minus_b1;
-        let vi = v[i] * c.b2 + (g[i] * g[i]) * c.one_minus_b2;
+/// One fused AdamW update of a parameter, in place, with the operation order
+/// of `torch.optim.AdamW` (decay first; candle's ops would round differently
+/// only in the last bit).
+fn adamw_update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConsts) {
+    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g * c.grad_scale;
+        let mi = *m * c.b1 + g * c.one_minus_b1;
+        let vi = *v * c.b2 + (g * g) * c.one_minus_b2;
         let denom = vi.sqrt() * c.inv_bc2_sqrt + c.eps;
-        nw.push(w[i] * c.decay - (mi / denom) * c.step_size);
-        nm.push(mi);
-        nv.push(vi);
+        *w = *w * c.decay - (mi / denom) * c.step_size;
+        *m = mi;
+        *v = vi;
     }
-    (nw, nm, nv)
 }
 
-/// Global L2 norm of all gradients; when above `max_norm` every gradient is
-/// scaled by `max_norm / (norm + 1e-6)` (`torch.nn.utils.clip_grad_norm_`).
-/// Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut GradStore, params: &[Param], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for p in params {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
-            let n = g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-            sq += n * n;
+/// The global L2 norm of all gradients and the factor that clips it to
+/// `max_norm`, as `torch.nn.utils.clip_grad_norm_` computes them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradClip {
+    /// The norm before clipping.
+    pub norm: f64,
+    /// `max_norm / (norm + 1e-6)` when that is below 1 (and `max_norm > 0`),
+    /// else 1: what [`AdamW::step`] multiplies every gradient by.
+    pub scale: f32,
+}
+
+/// [`GradClip`] of `grads` over `params`. The sums of squares are taken in
+/// f64 in a fixed order, so the result does not depend on thread scheduling.
+pub fn grad_clip(grads: &GradStore, params: &[Param], max_norm: f64) -> Result<GradClip> {
+    let sums = params
+        .par_iter()
+        .map(|p| match grads.get(p.var.as_tensor()) {
+            Some(g) => with_f32(g, |g| Ok(sum_of_squares(g))),
+            None => Ok(0.0),
+        })
+        .collect::<candle_core::Result<Vec<f64>>>()?;
+    let norm = sums.iter().sum::<f64>().sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    let scale = if max_norm > 0.0 && coef < 1.0 {
+        coef as f32
+    } else {
+        1.0
+    };
+    Ok(GradClip { norm, scale })
+}
+
+/// Σ x² in f64, over 8 lanes (which the compiler keeps in vector registers).
+fn sum_of_squares(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| v as f64 * v as f64)
+        .sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v as f64 * v as f64;
         }
     }
-    let norm = sq.sqrt();
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for p in params {
-                if let Some(g) = grads.remove(p.var.as_tensor()) {
-                    grads.insert(p.var.as_tensor(), (g * coef)?);
-                }
-            }
-        }
-    }
-    Ok(norm)
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// unilm's `cosine_scheduler`: `linspace(0, base, warmup)` for the first
