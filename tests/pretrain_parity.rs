@@ -131,7 +131,7 @@ fn gradients_and_three_adamw_steps_match_unilm() {
             (lv - want).abs() / want < 1e-5,
             "step {step} loss {lv} vs {want}"
         );
-        let mut grads = l.loss.backward().unwrap();
+        let grads = l.loss.backward().unwrap();
         if step == 0 {
             let mut worst = 0f64;
             for (name, var) in &student.vars {

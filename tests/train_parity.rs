@@ -117,7 +117,7 @@ fn four_adamw_steps_match_pytorch() {
             (lv - want).abs() / want.abs() < 1e-5,
             "step {k} loss {lv} vs {want}"
         );
-        let mut grads = loss.backward().unwrap();
+        let grads = loss.backward().unwrap();
         if k == 0 {
             for p in &opt.params {
                 if let Some(want) = steps.get(&format!("step0.grad.{}", p.name)) {

@@ -219,22 +219,37 @@ fn rows_and_width(shape: &Shape) -> Result<(usize, usize)> {
     }
 }
 
-/// `dst = lhs · rhs` on the `gemm` crate, all row-major except where the
-/// strides say otherwise: (rows, cols, depth, dst, lhs (ptr, rs, cs), rhs (ptr, rs, cs)).
+/// `lhs · rhs` (m×n, row-major) on the `gemm` crate, the operands row-major
+/// except where the strides say otherwise: (rows, cols, depth, lhs (ptr, rs,
+/// cs), rhs (ptr, rs, cs)). The output is written once, never zeroed first.
 #[allow(clippy::too_many_arguments)]
-fn gemm_into(
+fn gemm_new(
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [f32],
     lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
     (rhs_rs, rhs_cs): (usize, usize),
-) {
-    assert_eq!(dst.len(), m * n, "gemm output has the wrong size");
-    // SAFETY: the callers pass strides that keep every m×k / k×n access inside
-    // `lhs` / `rhs` (asserted through their lengths); dst is m×n row-major.
+) -> Vec<f32> {
+    let last = |(r, c): (usize, usize), (rs, cs): (usize, usize)| {
+        (r.max(1) - 1) * rs + (c.max(1) - 1) * cs
+    };
+    assert!(
+        m * k == 0 || last((m, k), (lhs_rs, lhs_cs)) < lhs.len(),
+        "gemm lhs is too short for its strides"
+    );
+    assert!(
+        k * n == 0 || last((k, n), (rhs_rs, rhs_cs)) < rhs.len(),
+        "gemm rhs is too short for its strides"
+    );
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut dst = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: every m×k / k×n access stays inside `lhs` / `rhs` (asserted
+    // above); with alpha 0 and read_dst false the crate writes all m×n
+    // outputs without reading them, so the length is set after they are.
     unsafe {
         gemm::gemm(
             m,
@@ -257,7 +272,9 @@ fn gemm_into(
             false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
+        dst.set_len(m * n);
     }
+    dst
 }
 
 impl CustomOp3 for LinearOp {
@@ -315,10 +332,8 @@ impl CustomOp3 for LinearOp {
         let (dx, dw, db) = with_data(x, |x| {
             with_data(w, |w| {
                 with_data(grad, |g| {
-                    let mut dx = vec![0f32; rows * k];
-                    gemm_into(rows, k, n, &mut dx, g, (n, 1), w, (k, 1));
-                    let mut dw = vec![0f32; n * k];
-                    gemm_into(n, k, rows, &mut dw, g, (1, n), x, (k, 1));
+                    let dx = gemm_new(rows, k, n, g, (n, 1), w, (k, 1));
+                    let dw = gemm_new(n, k, rows, g, (1, n), x, (k, 1));
                     Ok((dx, dw, column_sums(g, n)))
                 })
             })
