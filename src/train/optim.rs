@@ -332,6 +332,90 @@ mod tests {
         assert!(decays("encoder.blocks.0.mlp.fc1.weight", 2));
     }
 
+    /// Two parameters, one used twice in the loss (its gradient is a sum of
+    /// two contributions), with gradients of norm well above `max_norm`.
+    fn tiny_problem() -> (Vec<(String, Var)>, Tensor) {
+        let dev = candle_core::Device::Cpu;
+        let w = Var::from_vec(vec![1.0f32, -2.0, 3.0, 0.5], (2, 2), &dev).unwrap();
+        let b = Var::from_vec(vec![0.25f32, -0.75], 2, &dev).unwrap();
+        let x = Tensor::from_vec(vec![2.0f32, -1.0, 4.0, 3.0], (2, 2), &dev).unwrap();
+        let y = x.matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let y = y.broadcast_add(b.as_tensor()).unwrap();
+        let loss = ((&y * &y).unwrap().sum_all().unwrap()
+            + w.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let vars = vec![("head.weight".to_string(), w), ("head.bias".to_string(), b)];
+        (vars, loss)
+    }
+
+    fn cfg(clip_grad: f64) -> OptimConfig {
+        OptimConfig {
+            lr: 0.1,
+            min_lr: 0.0,
+            weight_decay: 0.05,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            layer_decay: 1.0,
+            clip_grad,
+        }
+    }
+
+    fn values(vars: &[(String, Var)]) -> Vec<Vec<f32>> {
+        vars.iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
+    }
+
+    /// The clipping factor folded into the in-place update gives the weights
+    /// that clipping the gradients first and stepping on them gives.
+    #[test]
+    fn clipped_in_place_step_equals_a_step_on_clipped_gradients() {
+        let (vars, loss) = tiny_problem();
+        let grads = loss.backward().unwrap();
+        let clip = grad_clip(&grads, &[], 1.0).unwrap();
+        assert_eq!(clip.norm, 0.0, "no parameters, no norm");
+        let mut opt = AdamW::new(vars.clone(), 0, cfg(1.0)).unwrap();
+        let clip = grad_clip(&grads, &opt.params, 1.0).unwrap();
+        // The norm by hand, from the gradients candle computed.
+        let want: f64 = vars
+            .iter()
+            .flat_map(|(_, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .map(|g| g as f64 * g as f64)
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (clip.norm - want).abs() <= 1e-9 * want,
+            "{} vs {want}",
+            clip.norm
+        );
+        assert!(clip.norm > 10.0, "the test needs clipping to act");
+        assert_eq!(clip.scale, (1.0 / (want + 1e-6)) as f32);
+
+        // The same problem again, stepped on gradients scaled beforehand.
+        let (vars_b, loss_b) = tiny_problem();
+        let grads_b = loss_b.backward().unwrap();
+        let mut scaled = GradStore::default();
+        for (_, v) in &vars_b {
+            let g = grads_b.get(v.as_tensor()).unwrap();
+            scaled.insert(v.as_tensor(), (g * clip.scale as f64).unwrap());
+        }
+        let mut opt_b = AdamW::new(vars_b.clone(), 0, cfg(1.0)).unwrap();
+        opt.step(&grads, 0.1, clip.scale).unwrap();
+        opt_b.step(&scaled, 0.1, 1.0).unwrap();
+        assert_eq!(values(&vars), values(&vars_b));
+        // And the update moved every weight (the Vars' own storage).
+        let before = values(&tiny_problem().0);
+        for (a, b) in values(&vars).iter().flatten().zip(before.iter().flatten()) {
+            assert_ne!(a, b);
+        }
+        // No clipping below the bound.
+        let loose = grad_clip(&grads, &opt.params, 1e6).unwrap();
+        assert_eq!(loose.scale, 1.0);
+    }
+
     #[test]
     fn schedule_shape() {
         // warmup linspace(0, 1, 3) = 0, 0.5, 1; then cosine from 1 to 0 over 4 steps.
