@@ -69,43 +69,24 @@ fn finetune(recipe: &Path, abort_after: Option<u64>) -> std::process::Output {
     c.output().unwrap()
 }
 
-/// Two run folders `a` and `b` under one temporary folder, each with a
-/// recipe over the same two class folders of 8 `size` (w, h) images each.
-struct TwoRuns {
-    tmp: PathBuf,
-    a_dir: PathBuf,
-    b_dir: PathBuf,
-    ra: PathBuf,
-    rb: PathBuf,
-}
-
-fn two_runs(name: &str, size: (u32, u32)) -> TwoRuns {
+/// Two run folders `a` and `b` under one temporary folder, and a recipe in
+/// each over the same two class folders of 8 `size` (w, h) images each:
+/// (temporary folder, [a, b], [recipe a, recipe b]).
+fn two_runs(name: &str, size: (u32, u32)) -> (PathBuf, [PathBuf; 2], [PathBuf; 2]) {
     let tmp = std::env::temp_dir().join(format!("beitv2-{name}-{}", std::process::id()));
     let data = tmp.join("data");
     write_class_folders(&data, 8, size);
-    let (a_dir, b_dir) = (tmp.join("a"), tmp.join("b"));
-    std::fs::create_dir_all(&a_dir).unwrap();
-    std::fs::create_dir_all(&b_dir).unwrap();
-    let ra = recipe(&a_dir, &data, &a_dir.join("out"));
-    let rb = recipe(&b_dir, &data, &b_dir.join("out"));
-    TwoRuns {
-        tmp,
-        a_dir,
-        b_dir,
-        ra,
-        rb,
-    }
+    let dirs = [tmp.join("a"), tmp.join("b")];
+    let recipes = dirs.clone().map(|d| {
+        std::fs::create_dir_all(&d).unwrap();
+        recipe(&d, &data, &d.join("out"))
+    });
+    (tmp, dirs, recipes)
 }
 
 #[test]
 fn killed_and_resumed_run_equals_uninterrupted_run() {
-    let TwoRuns {
-        tmp,
-        a_dir,
-        b_dir,
-        ra,
-        rb,
-    } = two_runs("resume", (20, 18));
+    let (tmp, [a_dir, b_dir], [ra, rb]) = two_runs("resume", (20, 18));
 
     let a = finetune(&ra, None);
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
@@ -338,13 +319,7 @@ fn full_disk_keeps_the_last_checkpoint_and_resumes_after_space_is_freed() {
 /// same evaluations where both runs made one.
 #[test]
 fn evaluation_every_n_epochs_keeps_the_last_and_changes_no_weights() {
-    let TwoRuns {
-        tmp,
-        a_dir,
-        b_dir,
-        ra,
-        rb,
-    } = two_runs("evalevery", (16, 16));
+    let (tmp, [a_dir, b_dir], [ra, rb]) = two_runs("evalevery", (16, 16));
     let a = finetune(&ra, None);
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     let b = Command::new(env!("CARGO_BIN_EXE_beitv2"))
