@@ -83,6 +83,12 @@ pub struct BenchArgs {
     /// student forward and backward + clipping + AdamW.
     #[arg(long, conflicts_with_all = ["preprocess", "train_step"])]
     pub pretrain_step: bool,
+    /// Time the linear-layer kernels alone on the model's four linear shapes
+    /// (qkv, proj, fc1, fc2) at batch × tokens rows: GFLOP/s of each kernel
+    /// this CPU can run, the weights cycling through `depth` copies as in a
+    /// forward pass.
+    #[arg(long, conflicts_with_all = ["preprocess", "train_step", "pretrain_step"])]
+    pub gemm: bool,
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -155,6 +161,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.pretrain_step {
         return bench_pretrain_step(&args);
+    }
+    if args.gemm {
+        return bench_gemm(&args);
     }
     let cfg = arch_config(&args.arch)?;
     let weights = random_weights(&cfg)?;
@@ -406,6 +415,111 @@ fn bench_train_step(args: &BenchArgs) -> Result<()> {
             args.arch,
             b as f64 / total
         );
+    }
+    Ok(())
+}
+
+/// `--gemm`: each linear kernel alone on the model's shapes. Every kernel
+/// sees the same `depth` weight copies in turn, so that, as in a forward
+/// pass, a layer's weights are not left in cache by the previous call.
+fn bench_gemm(args: &BenchArgs) -> Result<()> {
+    use kernels::gemm::{Epilogue, PackedF32, PackedWeight, Quant, WeightRef, linear};
+    let cfg = arch_config(&args.arch)?;
+    let (c, hidden) = (cfg.embed_dim, cfg.mlp_hidden());
+    let shapes = [
+        ("qkv", 3 * c, c),
+        ("proj", c, c),
+        ("fc1", hidden, c),
+        ("fc2", c, hidden),
+    ];
+    let copies = cfg.depth.max(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut randn = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| 0.02 * rng.sample::<f32, _>(StandardNormal))
+            .collect()
+    };
+    if !args.json {
+        println!("shape  rows × out × in          kernel        GFLOP/s (best, median)");
+    }
+    for &b in &args.batch_size {
+        let rows = b * cfg.num_tokens();
+        for (name, n, k) in shapes {
+            let weights: Vec<Vec<f32>> = (0..copies).map(|_| randn(n * k)).collect();
+            let x = randn(rows * k);
+            let bias_values = randn(n);
+            let bias: &[f32] = &bias_values;
+            let mut out = vec![0f32; rows * n];
+            let mut kernels: Vec<(&str, Box<dyn Fn(&[f32], usize, &mut [f32])>)> = Vec::new();
+            kernels.push((
+                "gemm-crate",
+                Box::new(|x, i, out| {
+                    let w = WeightRef::F32 {
+                        data: &weights[i],
+                        out_dim: n,
+                        in_dim: k,
+                        panels: None,
+                    };
+                    linear(x, rows, w, Some(bias), Epilogue::Store, out)
+                }),
+            ));
+            if kernels::has_avx512() {
+                let panels: Vec<PackedF32> =
+                    weights.iter().map(|w| PackedF32::pack(w, n, k)).collect();
+                kernels.push((
+                    "f32-panels",
+                    Box::new(move |x, i, out| {
+                        panels[i].matmul(x, rows, Some(bias), Epilogue::Store, out)
+                    }),
+                ));
+            }
+            for quant in [Quant::Bf16, Quant::Int8] {
+                if kernels::gemm::not_accelerated_because(quant).is_some() {
+                    continue;
+                }
+                let packed: Vec<PackedWeight> = weights
+                    .iter()
+                    .map(|w| PackedWeight::pack(w, n, k, quant))
+                    .collect();
+                let label = if quant == Quant::Bf16 { "bf16" } else { "int8" };
+                kernels.push((
+                    label,
+                    Box::new(move |x, i, out| {
+                        packed[i].matmul(x, rows, Some(bias), Epilogue::Store, out)
+                    }),
+                ));
+            }
+            let flop = 2.0 * (rows * n * k) as f64;
+            for (label, run) in &kernels {
+                for i in 0..args.warmup.min(copies) {
+                    run(&x, i, &mut out);
+                }
+                let mut rates: Vec<f64> = (0..args.iters.max(1) * copies)
+                    .map(|i| {
+                        let t = Instant::now();
+                        run(&x, i % copies, &mut out);
+                        flop / t.elapsed().as_secs_f64() / 1e9
+                    })
+                    .collect();
+                rates.sort_by(f64::total_cmp);
+                let (best, median) = (rates[rates.len() - 1], rates[rates.len() / 2]);
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "what": "gemm", "arch": args.arch, "isa": kernels::isa::active().to_string(),
+                            "shape": name, "rows": rows, "out": n, "in": k, "kernel": label,
+                            "best_gflops": best, "median_gflops": median,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{name:<5}  {:<22}  {label:<12}  {best:>6.1}, {median:>6.1}",
+                        format!("{rows} × {n} × {k}")
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }

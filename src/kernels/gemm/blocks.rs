@@ -22,8 +22,8 @@ pub const AVX2_INT8_OFFSET: i32 = 64;
 /// tasks to keep every thread busy when there are few rows.
 pub struct TaskGrid {
     mblocks: usize,
+    mchunks: usize,
     panels: usize,
-    groups: usize,
     per_group: usize,
     pub tasks: usize,
 }
@@ -38,16 +38,19 @@ impl TaskGrid {
             .clamp(1, panels);
         Self {
             mblocks,
+            mchunks,
             panels,
-            groups,
             per_group: panels.div_ceil(groups),
             tasks: mchunks * groups,
         }
     }
 
-    /// Task `i`'s row blocks and column panels.
+    /// Task `i`'s row blocks and column panels. Consecutive tasks share a
+    /// panel group, so that when rayon hands each thread a contiguous run
+    /// of tasks, each thread streams its own part of the weights instead of
+    /// every thread streaming all of them.
     pub fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-        let (mc, g) = (i / self.groups, i % self.groups);
+        let (g, mc) = (i / self.mchunks, i % self.mchunks);
         (
             mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(self.mblocks),
             g * self.per_group..((g + 1) * self.per_group).min(self.panels),

@@ -12,8 +12,16 @@ use rayon::prelude::*;
 
 /// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
 const MR: usize = 12;
-/// The row micro-panels (first row, rows) of a 32-row block.
-const SPLIT: [(usize, usize); 3] = [(0, MR), (MR, MR), (2 * MR, MB - 2 * MR)];
+
+/// The row micro-panels (first row, rows) of a block holding `rows` ≤ 32
+/// real rows: 12, 12 and 8 for a full block; a partial one (the last block
+/// of a batch, 5 rows at batch 1) stops at its last row, rounded up to 4,
+/// instead of multiplying zero rows.
+fn micro_panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(MR)
+        .map(move |r0| (r0, (rows - r0).min(MR).next_multiple_of(4)))
+}
 /// Reduction slice: 128 × 32 panel values (16 KiB) stay in L1.
 const KC: usize = 128;
 
@@ -90,7 +98,7 @@ impl PackedF32 {
             for p in panel_range {
                 let b = &self.data[p * k * NB..(p + 1) * k * NB];
                 // SAFETY: AVX-512F checked above; slices sized by construction.
-                unsafe { chunk(a, k, mrange.clone(), b, &mut tiles) };
+                unsafe { chunk(a, k, rows, mrange.clone(), b, &mut tiles) };
                 let n0 = p * NB;
                 let ncols = NB.min(self.out_dim - n0);
                 let bias = bias.map(|b| &b[n0..n0 + ncols]);
@@ -113,10 +121,11 @@ impl PackedF32 {
     }
 }
 
-/// Transposes up to 32 rows × k into the zero-padded micro-panels of [`SPLIT`].
+/// Transposes up to 32 rows × k into the zero-padded micro-panels of
+/// [`micro_panels`].
 fn pack_block(dst: &mut [f32], src: &[f32], k: usize) {
     let rows = src.len() / k;
-    for (r0, mr) in SPLIT {
+    for (r0, mr) in micro_panels(rows) {
         let panel = &mut dst[r0 * k..(r0 + mr) * k];
         for r in 0..mr {
             if r0 + r < rows {
@@ -138,25 +147,43 @@ fn pack_block(dst: &mut [f32], src: &[f32], k: usize) {
 unsafe fn chunk(
     a: &[f32],
     k: usize,
+    rows: usize,
     mblocks: std::ops::Range<usize>,
     b: &[f32],
     tiles: &mut [[f32; MB * NB]],
 ) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    let passes: usize = mblocks
+        .clone()
+        .map(|mb| micro_panels(MB.min(rows - mb * MB)).count())
+        .sum();
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
+        // The weights that come next (the following slice, or the next
+        // panel's first one: panels are contiguous) are fetched into L2
+        // while this slice is in use, a share before each pass: the panels
+        // stream from memory once per chunk, and without this the first
+        // pass over each slice waits on them.
+        let next = b.as_ptr().wrapping_add((k0 + kc) * NB);
+        let lines = KC * NB * 4 / 64;
+        let mut pass = 0;
         for (mb, tile) in mblocks.clone().zip(tiles.iter_mut()) {
             let block = &a[mb * MB * k..(mb + 1) * MB * k];
-            for (r0, mr) in SPLIT {
+            for (r0, mr) in micro_panels(MB.min(rows - mb * MB)) {
+                for line in lines * pass / passes..lines * (pass + 1) / passes {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(line * 16).cast());
+                }
+                pass += 1;
                 let ap = block[r0 * k + k0 * mr..].as_ptr();
                 let c = tile[r0 * NB..].as_mut_ptr();
                 let bp = b[k0 * NB..].as_ptr();
                 // SAFETY: the micro-panel holds k × mr values from k0, the
                 // panel (k − k0) × 32, the tile mr × 32 from row r0.
                 unsafe {
-                    if mr == MR {
-                        fma_rows::<MR>(ap, kc, bp, c, k0 > 0)
-                    } else {
-                        fma_rows::<{ MB - 2 * MR }>(ap, kc, bp, c, k0 > 0)
+                    match mr {
+                        12 => fma_rows::<12>(ap, kc, bp, c, k0 > 0),
+                        8 => fma_rows::<8>(ap, kc, bp, c, k0 > 0),
+                        _ => fma_rows::<4>(ap, kc, bp, c, k0 > 0),
                     }
                 }
             }
@@ -167,6 +194,7 @@ unsafe fn chunk(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn chunk(
     _: &[f32],
+    _: usize,
     _: usize,
     _: std::ops::Range<usize>,
     _: &[f32],
@@ -219,7 +247,7 @@ mod tests {
         if !crate::kernels::has_avx512() {
             return; // the kernel is never selected without AVX-512
         }
-        for (rows, n, k) in [(5, 20, 40), (150, 96, 300)] {
+        for (rows, n, k) in [(5, 20, 40), (35, 40, 130), (150, 96, 300)] {
             let (x, w, bias, gamma, resid) = (
                 data(rows * k, 1),
                 data(n * k, 2),
