@@ -419,6 +419,9 @@ fn bench_train_step(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// One timed call of a `--gemm` kernel: (input rows, weight copy, output).
+type GemmRun<'a> = dyn Fn(&[f32], usize, &mut [f32]) + 'a;
+
 /// `--gemm`: each linear kernel alone on the model's shapes. Every kernel
 /// sees the same `depth` weight copies in turn, so that, as in a forward
 /// pass, a layer's weights are not left in cache by the previous call.
@@ -450,7 +453,7 @@ fn bench_gemm(args: &BenchArgs) -> Result<()> {
             let bias_values = randn(n);
             let bias: &[f32] = &bias_values;
             let mut out = vec![0f32; rows * n];
-            let mut kernels: Vec<(&str, Box<dyn Fn(&[f32], usize, &mut [f32])>)> = Vec::new();
+            let mut kernels: Vec<(&str, Box<GemmRun>)> = Vec::new();
             kernels.push((
                 "gemm-crate",
                 Box::new(|x, i, out| {
