@@ -107,8 +107,6 @@ pub(super) unsafe fn block(
         );
     }
     if int8 {
-        for v in tile.iter_mut() {
-            *v = v.to_bits() as i32 as f32;
-        }
+        super::blocks::i32_bits_to_f32(tile);
     }
 }

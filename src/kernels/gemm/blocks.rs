@@ -59,6 +59,15 @@ impl TaskGrid {
 }
 
 multiversion! {
+    /// An int8 tile's exact i32 sums, stored in place of its f32 values, as f32.
+    pub fn i32_bits_to_f32(tile: &mut [f32; MB * NB]) {
+        for v in tile.iter_mut() {
+            *v = v.to_bits() as i32 as f32;
+        }
+    }
+}
+
+multiversion! {
     /// One output row of a block: scale (int8), bias, then the epilogue.
     pub fn finish_row(
         dst: &mut [f32],

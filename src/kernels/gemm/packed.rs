@@ -97,16 +97,44 @@ fn pack_column<const KB: usize, const G: usize>(
     }
 }
 
-/// Symmetric scale of a row quantised to `−levels..=levels`: `max|x| / levels`
-/// (1 for an all-zero row).
-fn int8_scale(row: &[f32], levels: f32) -> f32 {
-    let m = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
-    if m > 0.0 { m / levels } else { 1.0 }
+multiversion! {
+    /// Symmetric scale of a row quantised to `−levels..=levels`: `max|x| / levels`
+    /// (1 for an all-zero row). The maximum runs in 16 lanes so that it
+    /// vectorises (a maximum does not depend on the order).
+    fn int8_scale(row: &[f32], levels: f32) -> f32 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l = l.max(v.abs());
+            }
+        }
+        let m = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(0f32, |a, &v| a.max(v.abs()));
+        if m > 0.0 { m / levels } else { 1.0 }
+    }
 }
 
+/// Rounds half to even (as onnxruntime's and PyTorch's quantisers do); NaN
+/// gives 0. Written so that it vectorises: the value is clamped first, so
+/// adding and taking away 1.5·2²³ rounds it in the FPU's default mode, and
+/// the cast needs no saturation (`round` was a libm call per value, and a
+/// saturating cast a scalar conversion).
 #[inline(always)]
 fn to_i8(x: f32, inv_scale: f32, levels: f32) -> i8 {
-    (x * inv_scale).round().clamp(-levels, levels) as i8
+    const ROUND: f32 = 12_582_912.0;
+    let v = x * inv_scale;
+    let v = if v.is_nan() {
+        0.0
+    } else {
+        v.max(-levels).min(levels)
+    };
+    let r = (v + ROUND) - ROUND;
+    // SAFETY: r is an integer in −levels..=levels (levels ≤ 127).
+    unsafe { r.to_int_unchecked::<i32>() as i8 }
 }
 
 /// Levels of the weights (and of the activations except on AVX2): full int8.
