@@ -1,7 +1,8 @@
 //! Fused multi-head attention: for each (image, head) the scores
-//! `q·kᵀ·scale + bias` are computed straight from the packed qkv rows into a
-//! scratch matrix that starts as the relative-position bias, soft-maxed in
-//! place and multiplied by `v` into the head's columns of the output. q, k and
+//! `q·kᵀ·scale` are computed straight from the packed qkv rows into a
+//! scratch matrix, soft-maxed in place with the relative-position bias added
+//! in the softmax's first pass, and multiplied by `v` into the head's columns
+//! of the output. q, k and
 //! v are read through strides: no per-head copies, no (B, h, N, N) tensor.
 //! The backward pass (for training) recomputes the probabilities per head.
 
@@ -109,9 +110,6 @@ fn probabilities(
     let c = dims.heads * d;
     let q = rows[h * d..].as_ptr();
     let k = rows[c + h * d..].as_ptr();
-    if let Some(b) = bias {
-        scores.copy_from_slice(&b[h * n * n..(h + 1) * n * n]);
-    }
     let ld = (3 * c) as isize;
     // SAFETY: q and k address N rows of `rows` (stride 3C), d columns each;
     // `scores` is N×N.
@@ -123,14 +121,14 @@ fn probabilities(
             scores.as_mut_ptr(),
             1,
             n as isize,
-            bias.is_some(),
+            false,
             q,
             1,
             ld,
             k,
             ld,
             1,
-            1.0,
+            0.0,
             scale,
             false,
             false,
@@ -138,8 +136,11 @@ fn probabilities(
             gemm::Parallelism::None,
         );
     }
-    for row in scores.chunks_exact_mut(n) {
-        softmax_row(row);
+    // The bias is added inside the softmax's first pass, not copied in
+    // beforehand: one pass over the N×N scores fewer.
+    let bias = bias.map(|b| &b[h * n * n..(h + 1) * n * n]);
+    for (i, row) in scores.chunks_exact_mut(n).enumerate() {
+        softmax_row(row, bias.map(|b| &b[i * n..(i + 1) * n]));
     }
 }
 

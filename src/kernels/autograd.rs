@@ -142,8 +142,10 @@ impl CustomOp1 for SoftmaxOp {
         let x = slice(s, l, "softmax input")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = x.to_vec();
-        out.par_chunks_mut(chunk_rows(n) * n)
-            .for_each(|rows| rows.chunks_exact_mut(n).for_each(math::softmax_row));
+        out.par_chunks_mut(chunk_rows(n) * n).for_each(|rows| {
+            rows.chunks_exact_mut(n)
+                .for_each(|row| math::softmax_row(row, None))
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 

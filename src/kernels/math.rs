@@ -93,19 +93,37 @@ multiversion! {
 }
 
 multiversion! {
-    /// Softmax of one row in place.
-    pub fn softmax_row(x: &mut [f32]) {
+    /// Softmax of one row in place, after adding `bias` (the same length)
+    /// when given: the addition rides on the pass that finds the maximum.
+    pub fn softmax_row(x: &mut [f32], bias: Option<&[f32]>) {
         let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = x.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                lanes[i] = lanes[i].max(c[i]);
+        let mut max = f32::NEG_INFINITY;
+        if let Some(bias) = bias {
+            assert_eq!(bias.len(), x.len(), "softmax bias has the wrong length");
+            let mut chunks = x.chunks_exact_mut(LANES);
+            let mut bchunks = bias.chunks_exact(LANES);
+            for (c, b) in (&mut chunks).zip(&mut bchunks) {
+                for i in 0..LANES {
+                    c[i] += b[i];
+                    lanes[i] = lanes[i].max(c[i]);
+                }
+            }
+            for (v, &b) in chunks.into_remainder().iter_mut().zip(bchunks.remainder()) {
+                *v += b;
+                max = max.max(*v);
+            }
+        } else {
+            let mut chunks = x.chunks_exact(LANES);
+            for c in &mut chunks {
+                for i in 0..LANES {
+                    lanes[i] = lanes[i].max(c[i]);
+                }
+            }
+            for &v in chunks.remainder() {
+                max = max.max(v);
             }
         }
-        let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for &v in chunks.remainder() {
-            max = max.max(v);
-        }
+        let max = lanes.iter().copied().fold(max, f32::max);
         let mut sums = [0f32; LANES];
         let mut chunks = x.chunks_exact_mut(LANES);
         for c in &mut chunks {
@@ -257,7 +275,7 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
             .collect();
         let mut s = x.clone();
-        softmax_row(&mut s);
+        softmax_row(&mut s, None);
         let m = x.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
         let z: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
         for (&got, &v) in s.iter().zip(&x) {
