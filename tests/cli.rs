@@ -523,3 +523,57 @@ fn awkward_file_names_survive_every_output_format() {
         "{table}"
     );
 }
+
+#[test]
+fn bench_gemm_times_every_linear_shape_of_the_model() {
+    let (_, config) = tiny();
+    let out = beitv2(
+        &[
+            "bench",
+            "--gemm",
+            "--arch",
+            config.to_str().unwrap(),
+            "--batch-size",
+            "1",
+            "2",
+            "--warmup",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let records: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The fixture: embed 16, MLP 64, 4×4 patches + the class token.
+    let shapes = [
+        ("qkv", 48, 16),
+        ("proj", 16, 16),
+        ("fc1", 64, 16),
+        ("fc2", 16, 64),
+    ];
+    for batch in [1, 2] {
+        for (name, n, k) in shapes {
+            let rows: Vec<&serde_json::Value> = records
+                .iter()
+                .filter(|r| r["shape"] == name && r["rows"] == 17 * batch)
+                .collect();
+            assert!(
+                rows.iter().any(|r| r["kernel"] == "gemm-crate"),
+                "{name} at batch {batch}: {rows:?}"
+            );
+            for r in rows {
+                assert_eq!((r["out"].as_u64(), r["in"].as_u64()), (Some(n), Some(k)));
+                let (best, median) = (
+                    r["best_gflops"].as_f64().unwrap(),
+                    r["median_gflops"].as_f64().unwrap(),
+                );
+                assert!(median > 0.0 && best >= median && best.is_finite(), "{r}");
+            }
+        }
+    }
+}
