@@ -344,3 +344,37 @@ fn resume_with_other_settings_is_refused() {
     assert!(err.contains("was started with other settings"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The one kill window a random kill rarely hits: after `finish` removed
+/// `OUT.partial.paths` but before `OUT.partial`. `--resume` then finds the
+/// output complete and must clear the stray data file, leaving the output as
+/// it was.
+#[test]
+fn resume_after_a_finished_run_removes_a_stray_partial() {
+    let dir = temp_dir("stray-partial");
+    let imgs = image_folder("stray-partial-imgs", 6);
+    for ext in ["npy", "safetensors"] {
+        let out = dir.join(format!("out.{ext}"));
+        let mut a: Vec<String> = vec!["features".into()];
+        a.extend(model_args());
+        a.extend(["--kind", "cls", "-o"].iter().map(|s| s.to_string()));
+        a.push(out.display().to_string());
+        a.push(imgs.display().to_string());
+        let r = beitv2(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let want = std::fs::read(&out).unwrap();
+        let mut stray = out.clone().into_os_string();
+        stray.push(".partial");
+        std::fs::write(&stray, b"rows of a run killed while it finished").unwrap();
+        a.push("--resume".into());
+        let r = beitv2(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            !Path::new(&stray).exists(),
+            "{ext}: the stray .partial stayed"
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), want, "{ext}: output changed");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(imgs).unwrap();
+}

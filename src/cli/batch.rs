@@ -346,6 +346,13 @@ impl RowSink {
     pub fn open(out: &Path, resume: bool, settings: Value) -> Result<Opened> {
         let (data_p, list_p) = Self::partial(out);
         if resume && !list_p.exists() && out.exists() {
+            // A run killed between removing the list and the data (see
+            // `finish`) left a data file that no list describes: the output
+            // is complete, so the stray file goes.
+            if data_p.exists() {
+                std::fs::remove_file(&data_p)
+                    .with_context(|| format!("cannot remove {}", data_p.display()))?;
+            }
             return Ok(Opened {
                 sink: None,
                 done: finished_keys(out)?,
