@@ -27,6 +27,13 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// One JSON value a line (the `--json` / `--format json` outputs).
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("beitv2-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -63,10 +70,7 @@ fn classify_json_skips_bad_images_and_fails_at_the_end() {
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "must exit non-zero when images fail");
-    let lines: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&stdout);
     assert_eq!(lines.len(), 2, "{stdout}");
     for (v, name) in lines.iter().zip(["chelsea.png", "coffee.png"]) {
         assert!(v["path"].as_str().unwrap().ends_with(name));
@@ -87,11 +91,7 @@ fn classify_json_skips_bad_images_and_fails_at_the_end() {
     );
     assert!(stderr.contains("2 of 4 images"), "{stderr}");
     // The same two, machine-readable.
-    let listed: Vec<serde_json::Value> = std::fs::read_to_string(&failed)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let listed = json_lines(&std::fs::read_to_string(&failed).unwrap());
     assert_eq!(listed.len(), 2);
     for (v, name) in listed.iter().zip(["truncated.png", "not_an_image.jpg"]) {
         assert!(v["path"].as_str().unwrap().ends_with(name), "{v}");
@@ -349,10 +349,7 @@ fn tokenize_prints_grids_and_codebook_stats() {
         &[],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let lines: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&text(&out.stdout));
     assert_eq!(lines.len(), 5, "4 images and the stats line");
     for img in &lines[..4] {
         let rows = img["tokens"].as_array().unwrap();
@@ -545,10 +542,7 @@ fn bench_gemm_times_every_linear_shape_of_the_model() {
         &[],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let records: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = json_lines(&text(&out.stdout));
     // The fixture: embed 16, MLP 64, 4×4 patches + the class token.
     let shapes = [
         ("qkv", 48, 16),
