@@ -405,7 +405,7 @@ impl CustomOp2 for AttentionOp {
         let dims = self.dims(l1.shape())?;
         let c = dims.heads * dims.head_dim;
         let mut out = vec![0f32; dims.batch * dims.tokens * c];
-        attention(qkv, dims, self.scale, Some(bias), &mut out);
+        attention(qkv, dims, self.scale, Some(bias), false, &mut out);
         Ok((CpuStorage::F32(out), (dims.batch, dims.tokens, c).into()))
     }
 

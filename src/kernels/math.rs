@@ -9,10 +9,39 @@ use rayon::prelude::*;
 /// Lanes per partial sum: one zmm register of f32.
 const LANES: usize = 16;
 
+/// f32 → bf16 bits, round to nearest even (NaN stays NaN).
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    // Both computed, one selected: the loops that call this vectorise.
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet = ((b >> 16) | 0x40) as u16;
+    if x.is_nan() { quiet } else { rounded }
+}
+
+/// bf16 bits → f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
 /// `e^x` to about 1 ulp on the range softmax and erf need; inputs below
 /// −87.3 flush to ~1e-38 instead of 0 and inputs above 88.7 saturate.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with(x, |a, b, c| a * b + c)
+}
+
+/// [`exp`] with fused multiply-adds (one rounding each, so not bit-equal to
+/// it): only for code compiled with FMA, where `mul_add` is one instruction.
+#[inline(always)]
+pub fn exp_fma(x: f32) -> f32 {
+    exp_with(x, f32::mul_add)
+}
+
+/// The polynomial of [`exp`], its `a·b + c` steps done by `madd`.
+#[inline(always)]
+fn exp_with(x: f32, madd: impl Fn(f32, f32, f32) -> f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n·LN2_HI is exact for the n that occur.
     const LN2_HI: f32 = 0.693_359_4;
@@ -20,18 +49,18 @@ pub fn exp(x: f32) -> f32 {
     // Adding 1.5·2²³ rounds to an integer and leaves it in the low mantissa bits.
     const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let shifted = x * LOG2E + SHIFTER;
+    let shifted = madd(x, LOG2E, SHIFTER);
     let n = shifted - SHIFTER;
     let n_int = shifted.to_bits().wrapping_sub(SHIFTER.to_bits());
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = madd(-n, LN2_LO, madd(-n, LN2_HI, x));
     // Minimax polynomial of e^r on |r| ≤ ln2/2.
     let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
+    let p = madd(p, r, 1.398_199_9e-3);
+    let p = madd(p, r, 8.333_452e-3);
+    let p = madd(p, r, 4.166_579_6e-2);
+    let p = madd(p, r, 1.666_666_5e-1);
+    let p = madd(p, r, 0.5);
+    let e = madd(p, r * r, r) + 1.0;
     f32::from_bits(n_int.wrapping_add(127) << 23) * e
 }
 
@@ -92,40 +121,47 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// Softmax of one row in place, after adding `bias` (the same length)
-    /// when given: the addition rides on the pass that finds the maximum.
-    pub fn softmax_row(x: &mut [f32], bias: Option<&[f32]>) {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut max = f32::NEG_INFINITY;
-        if let Some(bias) = bias {
-            assert_eq!(bias.len(), x.len(), "softmax bias has the wrong length");
-            let mut chunks = x.chunks_exact_mut(LANES);
-            let mut bchunks = bias.chunks_exact(LANES);
-            for (c, b) in (&mut chunks).zip(&mut bchunks) {
-                for i in 0..LANES {
-                    c[i] += b[i];
-                    lanes[i] = lanes[i].max(c[i]);
-                }
-            }
-            for (v, &b) in chunks.into_remainder().iter_mut().zip(bchunks.remainder()) {
-                *v += b;
-                max = max.max(*v);
-            }
-        } else {
-            let mut chunks = x.chunks_exact(LANES);
-            for c in &mut chunks {
-                for i in 0..LANES {
-                    lanes[i] = lanes[i].max(c[i]);
-                }
-            }
-            for &v in chunks.remainder() {
-                max = max.max(v);
+/// Adds `bias` (the same length) to `x` when given and returns the row's
+/// maximum: the addition rides on the pass that finds it.
+#[inline(always)]
+pub fn add_bias_max(x: &mut [f32], bias: Option<&[f32]>) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut max = f32::NEG_INFINITY;
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), x.len(), "softmax bias has the wrong length");
+        let mut chunks = x.chunks_exact_mut(LANES);
+        let mut bchunks = bias.chunks_exact(LANES);
+        for (c, b) in (&mut chunks).zip(&mut bchunks) {
+            for i in 0..LANES {
+                c[i] += b[i];
+                lanes[i] = lanes[i].max(c[i]);
             }
         }
-        let max = lanes.iter().copied().fold(max, f32::max);
-        let mut sums = [0f32; LANES];
+        for (v, &b) in chunks.into_remainder().iter_mut().zip(bchunks.remainder()) {
+            *v += b;
+            max = max.max(*v);
+        }
+    } else {
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                lanes[i] = lanes[i].max(c[i]);
+            }
+        }
+        for &v in chunks.remainder() {
+            max = max.max(v);
+        }
+    }
+    lanes.iter().copied().fold(max, f32::max)
+}
+
+multiversion! {
+    /// Softmax of one row in place, after adding `bias` (the same length)
+    /// when given.
+    pub fn softmax_row(x: &mut [f32], bias: Option<&[f32]>) {
+        let max = add_bias_max(x, bias);
         let mut chunks = x.chunks_exact_mut(LANES);
+        let mut sums = [0f32; LANES];
         for c in &mut chunks {
             for i in 0..LANES {
                 c[i] = exp(c[i] - max);

@@ -32,6 +32,8 @@ macro_rules! multiversion {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod autograd;
 pub mod gemm;

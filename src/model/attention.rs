@@ -192,7 +192,8 @@ impl Attention {
         };
         let d = dims.head_dim;
         let _t = profile::scope("attention", (4 * b * self.num_heads * n * n * d) as f64);
-        attention(&qkv, dims, self.scale as f32, bias, out);
+        let bf16 = self.qkv.is_packed();
+        attention(&qkv, dims, self.scale as f32, bias, bf16, out);
         Ok(())
     }
 }

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | fp32 as loaded | the `gemm` crate (its own ISA choice), epilogue as a pass | `f32_portable.rs` |
 //! | fp32 panels, ≤ [`F32_PANEL_MAX_ROWS`] rows | AVX-512 FMA micro-kernel | `f32_avx512.rs` |
-//! | bf16 / int8 panels | AMX tiles | `amx.rs` |
+//! | bf16 / int8 panels | AMX tiles | `../amx.rs` (shared with attention) |
 //! | | AVX512-VNNI `vpdpbusd` / AVX512-BF16 `vdpbf16ps` | `dot512.rs` |
 //! | | int8 on AVX2 `vpmaddubsw` | `int8_avx2.rs` |
 //! | | fp32 GEMM on the rounded operands, or plain loops (tests) | `packed.rs` |
@@ -15,8 +15,6 @@
 //! `blocks.rs` the 32×32 blocking and the per-block epilogue that every
 //! packed kernel shares. No kernel reads another's internals.
 
-#[cfg(target_arch = "x86_64")]
-mod amx;
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod dot512;

@@ -13,6 +13,7 @@
 use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
 use super::{Epilogue, check_sizes};
 use crate::kernels::isa::{self, Isa};
+use crate::kernels::math::{bf16_bits, bf16_to_f32};
 use crate::kernels::scratch::{self, Scratch};
 use rayon::prelude::*;
 
@@ -65,21 +66,6 @@ pub struct PackedWeight {
     /// The packed values as f32 in `(out, in)` order (int8 unscaled), made on
     /// first use by the fp32-GEMM kernel for CPUs without AMX.
     values_f32: std::sync::OnceLock<Vec<f32>>,
-}
-
-/// f32 → bf16 bits, round to nearest even (NaN stays NaN).
-#[inline(always)]
-pub fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-#[inline(always)]
-fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
 }
 
 /// Stores one weight row (output column `col` of its panel) in B-tile order
@@ -460,7 +446,13 @@ impl PackedWeight {
         // and the ISA cap allow the kernel; activations are padded to whole
         // 32-row blocks and k blocks, the panel to whole k blocks.
         match (kernel, self.quant) {
-            (Kernel::Amx, _) => unsafe { super::amx::block(a, stride, b, kblocks, int8, tile) },
+            (Kernel::Amx, _) => {
+                let c = tile.as_mut_ptr() as *mut u8;
+                unsafe { crate::kernels::amx::block(a, stride, b, kblocks, int8, c, NB * 4) };
+                if int8 {
+                    super::blocks::i32_bits_to_f32(tile);
+                }
+            }
             (Kernel::Avx2Int8, _) => unsafe {
                 super::int8_avx2::block(a, stride, b, kblocks, sums(), tile)
             },

@@ -1,12 +1,16 @@
-//! bf16 and int8 blocks of the packed linear layers on Intel AMX
-//! (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids and later), issued through
-//! inline assembly because Rust's AMX intrinsics are not stable. Tiles are 16
-//! rows × 64 bytes; a 2×2 block of accumulator tiles covers 32×32 outputs.
-//! The weight panels are stored in B-tile order ([`super::packed`]), so each
-//! k block is two tile loads of 16 rows × 64 bytes.
+//! The one Intel AMX primitive (`tdpbf16ps` / `tdpbssd`, Sapphire Rapids
+//! and later) that the packed linear layers and the reduced-precision
+//! attention share, issued through inline assembly because Rust's AMX
+//! intrinsics are not stable. Tiles are 16 rows × 64 bytes; a 2×2 block of
+//! accumulator tiles covers 32×32 outputs. The right-hand operand is a panel
+//! of 32 columns in B-tile order: per k block (32 bf16 or 64 int8 values of
+//! the reduction) two tiles of 16 columns, each 16 rows of `[column][group]`
+//! (a group: the 2 bf16 or 4 int8 reduction values one column takes per row).
 
-use super::blocks::{MB, NB};
 use std::arch::asm;
+
+/// Bytes of one k block of a B panel: two tiles of 16 rows × 64 bytes.
+pub const PANEL_KBLOCK_BYTES: usize = 2048;
 
 thread_local! {
     static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -34,19 +38,22 @@ fn configure_thread() {
     });
 }
 
-/// One 32×32 block, `tile = Σ a·w` (int8: exact integers as f32): tiles 0–3
-/// accumulate, 4–5 hold activations, 6–7 the two weight tiles of the panel.
+/// One 32×32 block `c = Σ a·b` stored at `c` with rows `c_stride` bytes
+/// apart (bf16: f32 sums; int8: the i32 sums' bits): tiles 0–3 accumulate,
+/// 4–5 hold rows of `a`, 6–7 the two tiles of the panel's k block.
 ///
 /// # Safety
-/// The CPU and the OS allow AMX (ISA level `amx`); `a` holds 32 rows of `kblocks × 64` bytes at
-/// `stride`; `b` is a panel of `kblocks` k blocks of 2048 bytes.
-pub(super) unsafe fn block(
+/// The CPU and the OS allow AMX (ISA level `amx`); `a` holds 32 rows of
+/// `kblocks × 64` bytes at `stride`; `b` is a panel of `kblocks` k blocks of
+/// [`PANEL_KBLOCK_BYTES`]; `c` has 32 writable rows of 128 bytes at `c_stride`.
+pub unsafe fn block(
     a: *const u8,
     stride: usize,
     b: *const u8,
     kblocks: usize,
     int8: bool,
-    tile: &mut [f32; MB * NB],
+    c: *mut u8,
+    c_stride: usize,
 ) {
     configure_thread();
     // SAFETY (whole block): see the function's contract; tiles read 16 rows × 64 B.
@@ -60,7 +67,7 @@ pub(super) unsafe fn block(
         );
         for kblk in 0..kblocks {
             let off = kblk * 64;
-            let b0 = b.add(kblk * 2048);
+            let b0 = b.add(kblk * PANEL_KBLOCK_BYTES);
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}*1]",
                 "tileloadd tmm5, [{a1} + {sa}*1]",
@@ -92,7 +99,6 @@ pub(super) unsafe fn block(
                 )
             }
         }
-        let c = tile.as_mut_ptr() as *mut u8;
         asm!(
             "tilestored [{c0} + {sc}*1], tmm0",
             "tilestored [{c1} + {sc}*1], tmm1",
@@ -100,13 +106,10 @@ pub(super) unsafe fn block(
             "tilestored [{c3} + {sc}*1], tmm3",
             c0 = in(reg) c,
             c1 = in(reg) c.add(64),
-            c2 = in(reg) c.add(16 * NB * 4),
-            c3 = in(reg) c.add(16 * NB * 4 + 64),
-            sc = in(reg) NB * 4,
+            c2 = in(reg) c.add(16 * c_stride),
+            c3 = in(reg) c.add(16 * c_stride + 64),
+            sc = in(reg) c_stride,
             options(nostack),
         );
-    }
-    if int8 {
-        super::blocks::i32_bits_to_f32(tile);
     }
 }

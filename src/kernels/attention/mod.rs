@@ -5,6 +5,11 @@
 //! of the output. q, k and
 //! v are read through strides: no per-head copies, no (B, h, N, N) tensor.
 //! The backward pass (for training) recomputes the probabilities per head.
+//! The reduced precisions run the products as bf16 tiles on AMX
+//! ([`bf16_amx`]).
+
+#[cfg(target_arch = "x86_64")]
+pub mod bf16_amx;
 
 use super::math::softmax_row;
 use rayon::prelude::*;
@@ -41,13 +46,21 @@ impl AttentionDims {
 /// `qkv`: (B·N, 3C) rows `[q | k | v]`, heads contiguous inside each part.
 /// `bias`: (heads, N, N) added to the scaled scores, if any.
 /// `out`: (B·N, C), head `h` written to columns `h·d..(h+1)·d`.
+/// `bf16`: the two products may round their operands to bf16 (the reduced
+/// precisions' layers); they do where AMX runs them ([`bf16_amx`]).
 pub fn attention(
     qkv: &[f32],
     dims: AttentionDims,
     scale: f32,
     bias: Option<&[f32]>,
+    bf16: bool,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if bf16 && dims.head_dim.is_multiple_of(2) && super::isa::active() >= super::isa::Isa::Amx {
+        return bf16_amx::attention(qkv, dims, scale, bias, out);
+    }
+    let _ = bf16;
     let AttentionDims {
         batch,
         tokens: n,

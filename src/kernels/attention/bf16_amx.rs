@@ -1,0 +1,402 @@
+//! Attention of the reduced-precision paths (`--dtype bf16` / `int8`) on
+//! Intel AMX: per (image, head), `q·scale` and `k`, then the probabilities
+//! and `v`, are rounded to bf16 and multiplied as tiles with f32 sums; the
+//! bias and the softmax stay f32. The fp32 kernel ([`super::attention`])
+//! spends most of its time in these two products at ~150 GFLOP/s; the tiles
+//! leave the softmax as the main cost.
+//!
+//! Every operand is padded to whole 32-token blocks (and the head size to
+//! 32) with zeros, so the padded keys add nothing to P·V and the padded
+//! queries' rows are dropped.
+
+use super::AttentionDims;
+use crate::kernels::amx::{self, PANEL_KBLOCK_BYTES};
+use crate::kernels::math::{add_bias_max, bf16_bits, exp_fma};
+use rayon::prelude::*;
+
+/// Rows and columns of one tile block; also the bf16 values per k block.
+const BLOCK: usize = 32;
+/// u32 pairs of bf16 in one k block of a B panel.
+const PANEL_KBLOCK_PAIRS: usize = PANEL_KBLOCK_BYTES / 4;
+
+/// The buffers of one head, padded and zeroed when first made on a thread
+/// (and again when the shapes change); every task rewrites the same valid
+/// region, so the padding stays zero.
+struct Head {
+    /// Valid tokens and head size.
+    n: usize,
+    d: usize,
+    /// Tokens rounded up to [`BLOCK`].
+    tokens: usize,
+    /// Head size rounded up to [`BLOCK`].
+    dim: usize,
+    /// `q·scale`, tokens × dim bf16 (the left operand of q·kᵀ).
+    q: Vec<u16>,
+    /// 16 keys as bf16 rows (dim wide), before their transposition.
+    keys: Vec<u16>,
+    /// kᵀ as B panels of 32 keys: panel `j / 32`, dim/32 k blocks each.
+    k: Vec<u32>,
+    /// v as B panels of 32 columns: tokens/32 k blocks each.
+    v: Vec<u32>,
+    /// Scores: tokens × tokens f32.
+    scores: Vec<f32>,
+    /// `e^(score − row max)` in bf16 (the left operand of P·V): tokens × tokens.
+    p: Vec<u16>,
+    /// 1 / Σ of each row's exponentials.
+    inv_sum: Vec<f32>,
+    /// One 32×32 output block.
+    block: Vec<f32>,
+}
+
+impl Head {
+    fn new(n: usize, d: usize) -> Self {
+        let (tokens, dim) = (n.next_multiple_of(BLOCK), d.next_multiple_of(BLOCK));
+        Self {
+            n,
+            d,
+            tokens,
+            dim,
+            q: vec![0; tokens * dim],
+            keys: vec![0; 16 * dim],
+            k: vec![0; tokens * dim / 2],
+            v: vec![0; tokens * dim / 2],
+            scores: vec![0.0; tokens * tokens],
+            p: vec![0; tokens * tokens],
+            inv_sum: vec![0.0; tokens],
+            block: vec![0.0; BLOCK * BLOCK],
+        }
+    }
+}
+
+thread_local! {
+    static HEAD: std::cell::RefCell<Option<Head>> = const { std::cell::RefCell::new(None) };
+}
+
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+}
+
+multiversion! {
+    /// bf16 of `scale·src` into `dst` (the same length).
+    fn to_bf16(src: &[f32], scale: f32, dst: &mut [u16]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16_bits(s * scale);
+        }
+    }
+}
+
+multiversion! {
+    /// Tokens `2·r2` and `2·r2 + 1` of v (`hi` None past the last token) as
+    /// bf16 pairs into row `r2` of every panel's tiles (`kblocks` per panel).
+    fn pack_v_pair(lo: &[f32], hi: Option<&[f32]>, r2: usize, kblocks: usize, v: &mut [u32]) {
+        let row = (r2 / 16) * PANEL_KBLOCK_PAIRS + (r2 % 16) * 16;
+        for (q, lo) in lo.chunks(16).enumerate() {
+            // 16 columns: tile q % 2 of panel q / 2.
+            let dst = &mut v[(q / 2) * kblocks * PANEL_KBLOCK_PAIRS + (q % 2) * 256 + row..][..lo.len()];
+            match hi {
+                Some(hi) => {
+                    for ((d, &a), &b) in dst.iter_mut().zip(lo).zip(&hi[q * 16..]) {
+                        *d = pair(a, b);
+                    }
+                }
+                None => {
+                    for (d, &a) in dst.iter_mut().zip(lo) {
+                        *d = pair(a, 0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keys `16·g..16·g + 16` (bf16 rows of `dim` values in `keys`) into tile
+/// `g % 2` of k panel `g / 2`: each k block's 16 pairs of a key become a
+/// column, a 16×16 transposition of pairs.
+fn pack_key_group(keys: &[u16], dim: usize, g: usize, k: &mut [u32]) {
+    let kblocks = dim / BLOCK;
+    let base = (g / 2) * kblocks * PANEL_KBLOCK_PAIRS + (g % 2) * 256;
+    for kb in 0..kblocks {
+        let tile = &mut k[base + kb * PANEL_KBLOCK_PAIRS..][..256];
+        for (c, key) in keys.chunks_exact(dim).enumerate() {
+            let pairs = &key[kb * BLOCK..(kb + 1) * BLOCK];
+            for (r, p) in pairs.chunks_exact(2).enumerate() {
+                tile[r * 16 + c] = p[0] as u32 | (p[1] as u32) << 16;
+            }
+        }
+    }
+}
+
+/// Adds the bias row, then writes `e^(s − max)` as bf16 to `p`; returns
+/// 1 / Σ e^(s − max) (the softmax's normalisation, applied to P·V's rows).
+/// The last partial 16 columns run as a full vector over a padded copy.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/DQ/VL and FMA (every AMX CPU has).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn exp_to_bf16(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) -> f32 {
+    let max = add_bias_max(s, bias);
+    let mut sums = [0f32; 16];
+    let (mut sc, mut pc) = (s.chunks_exact(16), p[..s.len()].chunks_exact_mut(16));
+    for (s, p) in (&mut sc).zip(&mut pc) {
+        for i in 0..16 {
+            let e = exp_fma(s[i] - max);
+            sums[i] += e;
+            p[i] = bf16_bits(e);
+        }
+    }
+    let tail = sc.remainder();
+    if !tail.is_empty() {
+        let mut x = [max; 16];
+        x[..tail.len()].copy_from_slice(tail);
+        let mut out = [0u16; 16];
+        for i in 0..16 {
+            let e = if i < tail.len() {
+                exp_fma(x[i] - max)
+            } else {
+                0.0
+            };
+            sums[i] += e;
+            out[i] = bf16_bits(e);
+        }
+        pc.into_remainder().copy_from_slice(&out[..tail.len()]);
+    }
+    1.0 / sums.iter().sum::<f32>()
+}
+
+/// [`super::attention`] with bf16 tile products: the same arguments.
+///
+/// # Panics
+/// When the ISA level is below AMX (the caller checks), or the sizes are wrong.
+pub fn attention(
+    qkv: &[f32],
+    dims: AttentionDims,
+    scale: f32,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(
+        crate::kernels::isa::active() >= crate::kernels::isa::Isa::Amx,
+        "bf16 attention needs AMX"
+    );
+    assert!(
+        dims.head_dim.is_multiple_of(2),
+        "bf16 attention needs an even head size"
+    );
+    let (n, d, heads) = (dims.tokens, dims.head_dim, dims.heads);
+    dims.check(qkv, out, bias);
+    let out_addr = out.as_mut_ptr() as usize;
+    (0..dims.batch * heads).into_par_iter().for_each(|task| {
+        HEAD.with_borrow_mut(|slot| {
+            let buf = match slot {
+                Some(h) if h.n == n && h.d == d => h,
+                _ => slot.insert(Head::new(n, d)),
+            };
+            let (img, h) = (task / heads, task % heads);
+            let bias = bias.map(|b| &b[h * n * n..(h + 1) * n * n]);
+            let dst = (out_addr as *mut f32).wrapping_add(img * n * heads * d + h * d);
+            head(
+                buf,
+                &qkv[img * n * 3 * heads * d..][..n * 3 * heads * d],
+                h,
+                heads,
+                scale,
+                bias,
+                dst,
+            );
+        })
+    });
+}
+
+/// One head `h` of one image whose qkv rows are `rows` (N × 3C); the output
+/// rows (stride C) start at `dst`.
+fn head(
+    buf: &mut Head,
+    rows: &[f32],
+    h: usize,
+    heads: usize,
+    scale: f32,
+    bias: Option<&[f32]>,
+    dst: *mut f32,
+) {
+    let (n, d) = (buf.n, buf.d);
+    let c = heads * d;
+    let row = |t: usize, part: usize| &rows[t * 3 * c + part * c + h * d..][..d];
+    let (tp, dp) = (buf.tokens, buf.dim);
+    let (dim_kblocks, token_kblocks) = (dp / BLOCK, tp / BLOCK);
+    for t in 0..n {
+        to_bf16(row(t, 0), scale, &mut buf.q[t * dp..t * dp + d]);
+    }
+    for g in 0..n.div_ceil(16) {
+        for (i, key) in buf.keys.chunks_exact_mut(dp).enumerate() {
+            match g * 16 + i {
+                t if t < n => to_bf16(row(t, 1), 1.0, &mut key[..d]),
+                _ => key.fill(0),
+            }
+        }
+        pack_key_group(&buf.keys, dp, g, &mut buf.k);
+    }
+    for r2 in 0..n.div_ceil(2) {
+        let hi = (2 * r2 + 1 < n).then(|| row(2 * r2 + 1, 2));
+        pack_v_pair(row(2 * r2, 2), hi, r2, token_kblocks, &mut buf.v);
+    }
+    for mb in 0..token_kblocks {
+        for panel in 0..token_kblocks {
+            // SAFETY: the caller asserted `active() >= Amx`; q has 32 rows of
+            // dim/32 k blocks from row mb·32, the k panel dim/32 k blocks,
+            // and the scores 32 rows of ≥ 32 columns there.
+            unsafe {
+                amx::block(
+                    buf.q[mb * BLOCK * dp..].as_ptr() as *const u8,
+                    dp * 2,
+                    buf.k[panel * dim_kblocks * PANEL_KBLOCK_PAIRS..].as_ptr() as *const u8,
+                    dim_kblocks,
+                    false,
+                    buf.scores[mb * BLOCK * tp + panel * BLOCK..].as_mut_ptr() as *mut u8,
+                    tp * 4,
+                );
+            }
+        }
+    }
+    for i in 0..n {
+        // SAFETY: AMX was asserted by the caller; every AMX CPU has AVX-512 and FMA.
+        buf.inv_sum[i] = unsafe {
+            exp_to_bf16(
+                &mut buf.scores[i * tp..i * tp + n],
+                bias.map(|b| &b[i * n..(i + 1) * n]),
+                &mut buf.p[i * tp..],
+            )
+        };
+    }
+    for mb in 0..token_kblocks {
+        for panel in 0..dim_kblocks {
+            // SAFETY: as above: p has 32 rows of tokens/32 k blocks from row
+            // mb·32, the v panel tokens/32 k blocks, the block buffer is 32×32.
+            unsafe {
+                amx::block(
+                    buf.p[mb * BLOCK * tp..].as_ptr() as *const u8,
+                    tp * 2,
+                    buf.v[panel * token_kblocks * PANEL_KBLOCK_PAIRS..].as_ptr() as *const u8,
+                    token_kblocks,
+                    false,
+                    buf.block.as_mut_ptr() as *mut u8,
+                    BLOCK * 4,
+                );
+            }
+            let cols = (d - panel * BLOCK).min(BLOCK);
+            for r in 0..BLOCK.min(n.saturating_sub(mb * BLOCK)) {
+                let t = mb * BLOCK + r;
+                let inv = buf.inv_sum[t];
+                // SAFETY: token t < n, columns h·d + panel·32.. of head h:
+                // inside the output, and no other task writes them.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(t * c + panel * BLOCK), cols) };
+                for (o, &v) in out.iter_mut().zip(&buf.block[r * BLOCK..]) {
+                    *o = v * inv;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::isa::{self, Isa};
+    use crate::kernels::math::bf16_to_f32;
+    use crate::kernels::test_data as data;
+
+    fn bf16(x: f64) -> f64 {
+        bf16_to_f32(bf16_bits(x as f32)) as f64
+    }
+
+    /// Attention in f64 on the operands rounded as the tiles see them:
+    /// bf16 `q·scale`, `k`, `v` and exponentials (normalised after P·V).
+    fn rounded_reference(
+        qkv: &[f32],
+        (b, n, h, d): (usize, usize, usize, usize),
+        scale: f32,
+        bias: &[f32],
+    ) -> Vec<f64> {
+        let c = h * d;
+        let at = |img: usize, t: usize, part: usize, head: usize, i: usize| {
+            qkv[(img * n + t) * 3 * c + part * c + head * d + i]
+        };
+        let mut out = vec![0f64; b * n * c];
+        for img in 0..b {
+            for head in 0..h {
+                for i in 0..n {
+                    let s: Vec<f64> = (0..n)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|e| {
+                                    bf16((at(img, i, 0, head, e) * scale) as f64)
+                                        * bf16(at(img, j, 1, head, e) as f64)
+                                })
+                                .sum();
+                            dot + bias[(head * n + i) * n + j] as f64
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = s.iter().map(|v| (v - max).exp()).sum();
+                    for e in 0..d {
+                        out[(img * n + i) * c + head * d + e] = (0..n)
+                            .map(|j| {
+                                bf16((s[j] - max).exp()) * bf16(at(img, j, 2, head, e) as f64) / sum
+                            })
+                            .sum();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn bf16_tiles_match_the_rounded_reference_and_fp32() {
+        if isa::active() < Isa::Amx {
+            eprintln!("skipped: this CPU or the ISA cap has no AMX");
+            return;
+        }
+        // Head sizes of the models (64, 32) and one that is not a multiple
+        // of 32; token counts with partial 32-blocks, odd and even.
+        for (b, n, h, d) in [
+            (2, 50, 2, 32),
+            (1, 197, 2, 64),
+            (2, 29, 3, 48),
+            (1, 33, 1, 64),
+        ] {
+            let c = h * d;
+            // Scores of a few units, as in trained models, so that the
+            // softmax is not flat.
+            let qkv: Vec<f32> = data(b * n * 3 * c, 21).iter().map(|v| 2.0 * v).collect();
+            let bias = data(h * n * n, 22);
+            let scale = (d as f32).powf(-0.5);
+            let dims = AttentionDims {
+                batch: b,
+                tokens: n,
+                heads: h,
+                head_dim: d,
+            };
+            let mut tiles = vec![f32::NAN; b * n * c];
+            attention(&qkv, dims, scale, Some(&bias), &mut tiles);
+            let mut fp32 = vec![f32::NAN; b * n * c];
+            super::super::attention(&qkv, dims, scale, Some(&bias), false, &mut fp32);
+            let reference = rounded_reference(&qkv, (b, n, h, d), scale, &bias);
+            let (mut worst_ref, mut worst_f32) = (0f64, 0f64);
+            for ((&t, &f), &r) in tiles.iter().zip(&fp32).zip(&reference) {
+                worst_ref = worst_ref.max((t as f64 - r).abs());
+                worst_f32 = worst_f32.max((t - f).abs() as f64);
+            }
+            // Against the rounded operands only the f32 sums (and a rare
+            // probability rounded the other way) differ; against fp32 the
+            // bf16 rounding of every operand shows.
+            assert!(
+                worst_ref < 2e-3,
+                "{b}x{n}x{h}x{d}: {worst_ref} from the rounded reference"
+            );
+            assert!(worst_f32 < 5e-2, "{b}x{n}x{h}x{d}: {worst_f32} from fp32");
+            assert!(worst_f32 > 1e-5, "{b}x{n}x{h}x{d}: no bf16 rounding seen");
+        }
+    }
+}
