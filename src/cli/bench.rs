@@ -466,7 +466,7 @@ fn bench_gemm(args: &BenchArgs) -> Result<()> {
                     linear(x, rows, w, Some(bias), Epilogue::Store, out)
                 }),
             ));
-            if kernels::has_avx512() {
+            if kernels::gemm::f32_panels_available() {
                 let panels: Vec<PackedF32> =
                     weights.iter().map(|w| PackedF32::pack(w, n, k)).collect();
                 kernels.push((

@@ -149,7 +149,7 @@ impl Beit {
 
     /// Precision of the blocks' linear layers at inference. The weights are
     /// packed once: bf16/int8 into AMX tiles (an fp32 GEMM on the rounded values without AMX),
-    /// fp32 into panels for the small-batch AVX-512 kernel. Without this call
+    /// fp32 into panels for the small-batch kernel (AVX2 or AVX-512). Without this call
     /// fp32 inference runs the `gemm` crate on the weights as loaded.
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         for blk in &mut self.blocks {

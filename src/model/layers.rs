@@ -51,7 +51,7 @@ impl Linear {
     }
 
     /// Packs the weight for the inference kernels at `precision`: bf16/int8
-    /// tiles for AMX, or fp32 panels for the small-batch AVX-512 kernel.
+    /// tiles, or fp32 panels for the small-batch kernel (AVX2 or AVX-512).
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let (n, k) = self.weight.dims2()?;
         self.packed = None;
@@ -62,7 +62,7 @@ impl Linear {
                     Ok(PackedWeight::pack(w, n, k, q))
                 })?))
             }
-            None if kernels::has_avx512() => {
+            None if kernels::gemm::f32_panels_available() => {
                 self.packed_f32 = Some(Arc::new(kernels::with_f32(&self.weight, |w| {
                     Ok(PackedF32::pack(w, n, k))
                 })?))

@@ -5,7 +5,9 @@
 //! | weight | kernel | file |
 //! |---|---|---|
 //! | fp32 as loaded | the `gemm` crate (its own ISA choice), epilogue as a pass | `f32_portable.rs` |
-//! | fp32 panels, ≤ [`F32_PANEL_MAX_ROWS`] rows | AVX-512 FMA micro-kernel | `f32_avx512.rs` |
+//! | fp32 panels, ≤ [`F32_PANEL_MAX_ROWS`] rows | layout, blocking, threads | `f32_panels.rs` |
+//! | | AVX-512 FMA register block | `f32_avx512.rs` |
+//! | | AVX2 + FMA register block | `f32_avx2.rs` |
 //! | bf16 / int8 panels | AMX tiles | `../amx.rs` (shared with attention) |
 //! | | AVX512-VNNI `vpdpbusd` / AVX512-BF16 `vdpbf16ps` | `dot512.rs` |
 //! | | int8 on AVX2 `vpmaddubsw` | `int8_avx2.rs` |
@@ -18,13 +20,18 @@
 mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod dot512;
+#[cfg(target_arch = "x86_64")]
+mod f32_avx2;
+#[cfg(target_arch = "x86_64")]
 mod f32_avx512;
+mod f32_panels;
 mod f32_portable;
 #[cfg(target_arch = "x86_64")]
 mod int8_avx2;
 mod packed;
 
-pub use f32_avx512::PackedF32;
+pub use f32_panels::PackedF32;
+pub use f32_panels::available as f32_panels_available;
 pub use packed::{Kernel, PackedWeight, Quant, force_kernel, not_accelerated_because};
 
 /// What happens to `acc + bias` before it lands in the output.
@@ -64,10 +71,12 @@ pub enum WeightRef<'a> {
     Packed(&'a PackedWeight),
 }
 
-/// Largest row count (batch × tokens) sent to the fp32 panel kernel; above it
-/// the `gemm` crate is faster. Measured on the base model's shapes (2
-/// threads, Sapphire Rapids): at 197 rows the panel kernel ran at 124–136
-/// GFLOP/s against `gemm`'s 81–134, at 1576 rows at 153–172 against 157–198.
+/// Largest row count (batch × tokens) sent to the fp32 panel kernel at the
+/// AVX-512 level; above it the `gemm` crate's AVX-512 kernels are as fast or
+/// faster. Measured on the base model's shapes (2 threads, Sapphire Rapids):
+/// at 197 rows the panel kernel ran at 124–136 GFLOP/s against `gemm`'s
+/// 81–134, at 1576 rows at 153–172 against 157–198. At the AVX2 level the
+/// panels take every row count ([`f32_panels::takes`]).
 pub const F32_PANEL_MAX_ROWS: usize = 512;
 
 /// Checks the operand sizes of `out ← epilogue(x·Wᵀ + b)` for a weight of
@@ -105,13 +114,11 @@ pub fn linear(
 ) {
     match w {
         WeightRef::Packed(p) => p.matmul(x, rows, bias, epilogue, out),
-        // Panels made while AVX-512 was allowed; a lower ISA cap since then
+        // Panels made while AVX2 was allowed; a lower ISA cap since then
         // reads the plain weight.
         WeightRef::F32 {
             panels: Some(p), ..
-        } if rows <= F32_PANEL_MAX_ROWS && crate::kernels::has_avx512() => {
-            p.matmul(x, rows, bias, epilogue, out)
-        }
+        } if f32_panels::takes(rows) => p.matmul(x, rows, bias, epilogue, out),
         WeightRef::F32 {
             data,
             out_dim,

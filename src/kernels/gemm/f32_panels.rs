@@ -1,0 +1,378 @@
+//! fp32 linear layers for small batches, with weights packed once at load
+//! into column panels `[panel][k][32]`, activations repacked per call into
+//! micro-panels of 12 (or 8, or 4) rows, and the reduction run in slices that
+//! keep a slice of the panel in L1 while every micro-panel of a 128-row chunk
+//! passes over it. Each finished 32×32 block goes through the same epilogue
+//! as the AMX kernels.
+//!
+//! This file owns the layout, the blocking and the threads; the register
+//! blocks are one per ISA level: `f32_avx512.rs` (12 rows × 2 zmm) and
+//! `f32_avx2.rs` (6 rows × 2 ymm, each panel as two 16-column halves).
+
+use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
+use super::{Epilogue, F32_PANEL_MAX_ROWS, check_sizes};
+use crate::kernels::scratch;
+use rayon::prelude::*;
+
+/// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
+const MR: usize = 12;
+
+/// The row micro-panels (first row, rows) of a block holding `rows` ≤ 32
+/// real rows: 12, 12 and 8 for a full block; a partial one (the last block
+/// of a batch, 5 rows at batch 1) stops at its last row, rounded up to 4,
+/// instead of multiplying zero rows.
+fn micro_panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(MR)
+        .map(move |r0| (r0, (rows - r0).min(MR).next_multiple_of(4)))
+}
+/// Reduction slice: 128 × 32 panel values (16 KiB) stay in L1.
+const KC: usize = 128;
+
+/// The ISA level whose register block runs the panel kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Avx512,
+    Avx2,
+}
+
+impl Level {
+    /// The best level that the CPU has and the ISA cap allows; None below AVX2.
+    fn active() -> Option<Level> {
+        if !cfg!(target_arch = "x86_64") {
+            None
+        } else if crate::kernels::has_avx512() {
+            Some(Level::Avx512)
+        } else if crate::kernels::has_avx2() {
+            Some(Level::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// [`chunk`] compiled for this level.
+    ///
+    /// # Safety
+    /// As [`chunk`]; the CPU has the level's features ([`Level::active`]).
+    unsafe fn chunk(
+        self,
+        a: &[f32],
+        k: usize,
+        rows: usize,
+        mblocks: std::ops::Range<usize>,
+        b: &[f32],
+        tiles: &mut [[f32; MB * NB]],
+    ) {
+        // SAFETY: the caller's contract.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match self {
+                Level::Avx512 => super::f32_avx512::chunk(a, k, rows, mblocks, b, tiles),
+                Level::Avx2 => super::f32_avx2::chunk(a, k, rows, mblocks, b, tiles),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no fp32 panel level is active off x86-64: {self:?} {a:p} {k} {rows} {mblocks:?} {b:p} {tiles:p}"
+        )
+    }
+}
+
+/// Whether the panel kernel can run here (AVX2 + FMA allowed, or AVX-512).
+pub fn available() -> bool {
+    Level::active().is_some()
+}
+
+/// Whether a product of `rows` rows runs here, where panels were made: at
+/// the AVX-512 level up to [`F32_PANEL_MAX_ROWS`], at the AVX2 level at any
+/// size, because the `gemm` crate's AVX2 kernels trail ours at every size
+/// measured (AMD Zen 4, 2 threads, the base model's shapes: 132–173 GFLOP/s
+/// against 160–200).
+pub fn takes(rows: usize) -> bool {
+    match Level::active() {
+        Some(Level::Avx512) => rows <= F32_PANEL_MAX_ROWS,
+        Some(Level::Avx2) => true,
+        None => false,
+    }
+}
+
+/// A `(out, in)` fp32 weight in column panels of 32 outputs.
+#[derive(Debug, Clone)]
+pub struct PackedF32 {
+    out_dim: usize,
+    in_dim: usize,
+    data: Vec<f32>,
+}
+
+impl PackedF32 {
+    pub fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Self {
+        assert_eq!(w.len(), out_dim * in_dim, "weight has the wrong size");
+        let panels = out_dim.div_ceil(NB);
+        let mut data = vec![0f32; panels * in_dim * NB];
+        data.par_chunks_mut(in_dim * NB)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for col in 0..NB.min(out_dim - p * NB) {
+                    let row = &w[(p * NB + col) * in_dim..(p * NB + col + 1) * in_dim];
+                    for (k, &v) in row.iter().enumerate() {
+                        panel[k * NB + col] = v;
+                    }
+                }
+            });
+        Self {
+            out_dim,
+            in_dim,
+            data,
+        }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// `out ← epilogue(x·Wᵀ + b)`. Needs AVX2 + FMA at least ([`available`]).
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) {
+        let level = Level::active().expect("the fp32 panel kernel needs AVX2 + FMA");
+        self.matmul_at(level, x, rows, bias, epilogue, out)
+    }
+
+    /// [`PackedF32::matmul`] with the register blocks of `level`, which the
+    /// CPU must have.
+    fn matmul_at(
+        &self,
+        level: Level,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) {
+        let k = self.in_dim;
+        check_sizes(x, rows, (self.out_dim, k), bias, epilogue, out);
+        if rows == 0 || self.out_dim == 0 {
+            return;
+        }
+        let mblocks = rows.div_ceil(MB);
+        let mut panels_a = scratch::take::<f32>(mblocks * MB * k);
+        panels_a
+            .par_chunks_mut(MB * k)
+            .enumerate()
+            .for_each(|(mb, dst)| {
+                let src = &x[mb * MB * k..((mb + 1) * MB).min(rows) * k];
+                pack_block(dst, src, k)
+            });
+        let grid = TaskGrid::new(rows, self.out_dim);
+        let out_addr = out.as_mut_ptr() as usize;
+        let a: &[f32] = &panels_a;
+        (0..grid.tasks).into_par_iter().for_each(|task| {
+            let (mrange, panel_range) = grid.task(task);
+            let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
+            for p in panel_range {
+                let b = &self.data[p * k * NB..(p + 1) * k * NB];
+                // SAFETY: the level is active; slices sized by construction.
+                unsafe { level.chunk(a, k, rows, mrange.clone(), b, &mut tiles) };
+                let n0 = p * NB;
+                let ncols = NB.min(self.out_dim - n0);
+                let bias = bias.map(|b| &b[n0..n0 + ncols]);
+                let epi = epilogue.columns(n0..n0 + ncols);
+                for (mb, tile) in mrange.clone().zip(&tiles) {
+                    for r in 0..MB.min(rows - mb * MB) {
+                        let m = mb * MB + r;
+                        // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (out_addr as *mut f32).add(m * self.out_dim + n0),
+                                ncols,
+                            )
+                        };
+                        finish_row(dst, &tile[r * NB..(r + 1) * NB], 1.0, None, bias, epi);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Transposes up to 32 rows × k into the zero-padded micro-panels of
+/// [`micro_panels`].
+fn pack_block(dst: &mut [f32], src: &[f32], k: usize) {
+    let rows = src.len() / k;
+    for (r0, mr) in micro_panels(rows) {
+        let panel = &mut dst[r0 * k..(r0 + mr) * k];
+        for r in 0..mr {
+            if r0 + r < rows {
+                let row = &src[(r0 + r) * k..(r0 + r + 1) * k];
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * mr + r] = v;
+                }
+            } else {
+                for kk in 0..k {
+                    panel[kk * mr + r] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// One ISA level's register blocks over a micro-panel.
+pub(super) trait FmaRows {
+    /// `c[r][..] (+)= Σ_k a[k·mr + r] · b[k][..]` for the `mr` ∈ {12, 8, 4}
+    /// rows of a micro-panel and the 32 columns of a panel slice; `add`
+    /// accumulates onto `c` instead of overwriting it.
+    ///
+    /// # Safety
+    /// `a` holds k × mr values, `b` k × 32, `c` mr × 32 writable values;
+    /// the caller runs with the level's target features.
+    unsafe fn micro_panel(
+        a: *const f32,
+        mr: usize,
+        k: usize,
+        b: *const f32,
+        c: *mut f32,
+        add: bool,
+    );
+}
+
+/// The reduction over `b` (one panel, k × 32) for the row blocks `mblocks`
+/// of the packed activations `a`, into `tiles`, in slices of [`KC`].
+/// Inlined into each level's `#[target_feature]` entry point.
+///
+/// # Safety
+/// `a` holds the packed micro-panels of `rows` rows × k, `b` one panel of
+/// k × 32, `tiles` one tile per row block; the caller runs with `F`'s
+/// target features.
+#[inline(always)]
+pub(super) unsafe fn chunk<F: FmaRows>(
+    a: &[f32],
+    k: usize,
+    rows: usize,
+    mblocks: std::ops::Range<usize>,
+    b: &[f32],
+    tiles: &mut [[f32; MB * NB]],
+) {
+    let passes: usize = mblocks
+        .clone()
+        .map(|mb| micro_panels(MB.min(rows - mb * MB)).count())
+        .sum();
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        // The weights that come next (the following slice, or the next
+        // panel's first one: panels are contiguous) are fetched into L2
+        // while this slice is in use, a share before each pass: the panels
+        // stream from memory once per chunk, and without this the first
+        // pass over each slice waits on them.
+        let next = b.as_ptr().wrapping_add((k0 + kc) * NB);
+        let lines = KC * NB * 4 / 64;
+        let mut pass = 0;
+        for (mb, tile) in mblocks.clone().zip(tiles.iter_mut()) {
+            let block = &a[mb * MB * k..(mb + 1) * MB * k];
+            for (r0, mr) in micro_panels(MB.min(rows - mb * MB)) {
+                for line in lines * pass / passes..lines * (pass + 1) / passes {
+                    prefetch_l2(next.wrapping_add(line * 16));
+                }
+                pass += 1;
+                let ap = block[r0 * k + k0 * mr..].as_ptr();
+                let c = tile[r0 * NB..].as_mut_ptr();
+                let bp = b[k0 * NB..].as_ptr();
+                // SAFETY: the micro-panel holds k × mr values from k0, the
+                // panel (k − k0) × 32, the tile mr × 32 from row r0.
+                unsafe { F::micro_panel(ap, mr, kc, bp, c, k0 > 0) }
+            }
+        }
+    }
+}
+
+/// A hint to bring the cache line at `p` into L2 (nothing where there is no
+/// such instruction). Never faults, whatever `p` is.
+#[inline(always)]
+fn prefetch_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint (SSE, in the x86-64 baseline) and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::math::gelu;
+
+    use crate::kernels::test_data as data;
+
+    /// The levels this CPU has, whatever the cap (the test calls each directly).
+    fn levels_here() -> Vec<Level> {
+        use crate::kernels::isa::{Isa, detected};
+        let mut levels = Vec::new();
+        if cfg!(target_arch = "x86_64") && detected() >= Isa::Avx2 {
+            levels.push(Level::Avx2);
+        }
+        if cfg!(target_arch = "x86_64") && detected() >= Isa::Avx512 {
+            levels.push(Level::Avx512);
+        }
+        levels
+    }
+
+    #[test]
+    fn packed_f32_matmul_matches_f64_with_every_epilogue_at_every_level() {
+        // 35 rows: a 3-row tail block (one 4-row micro-panel); 150: 8-row
+        // micro-panels; k = 130 and 300: partial reduction slices.
+        for level in levels_here() {
+            for (rows, n, k) in [(5, 20, 40), (35, 40, 130), (150, 96, 300)] {
+                let (x, w, bias, gamma, resid) = (
+                    data(rows * k, 1),
+                    data(n * k, 2),
+                    data(n, 3),
+                    data(n, 4),
+                    data(rows * n, 5),
+                );
+                let packed = PackedF32::pack(&w, n, k);
+                let lin: Vec<f64> = (0..rows * n)
+                    .map(|i| {
+                        let (m, j) = (i / n, i % n);
+                        (0..k)
+                            .map(|t| x[m * k + t] as f64 * w[j * k + t] as f64)
+                            .sum::<f64>()
+                            + bias[j] as f64
+                    })
+                    .collect();
+                let epilogues = [
+                    Epilogue::Store,
+                    Epilogue::Gelu,
+                    Epilogue::Residual {
+                        gamma: Some(&gamma),
+                    },
+                ];
+                for epilogue in epilogues {
+                    let mut out = resid.clone();
+                    packed.matmul_at(level, &x, rows, Some(&bias), epilogue, &mut out);
+                    for (i, &got) in out.iter().enumerate() {
+                        let want = match epilogue {
+                            Epilogue::Store => lin[i],
+                            Epilogue::Gelu => gelu(lin[i] as f32) as f64,
+                            Epilogue::Residual { .. } => {
+                                resid[i] as f64 + gamma[i % n] as f64 * lin[i]
+                            }
+                        };
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{level:?} {rows}x{n}x{k} {epilogue:?} [{i}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
