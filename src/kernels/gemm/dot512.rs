@@ -22,8 +22,15 @@ use std::arch::x86_64::*;
 
 /// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
 const MR: usize = 12;
-/// The row micro-panels (first row, rows) of a 32-row block.
-const SPLIT: [(usize, usize); 3] = [(0, MR), (MR, MR), (2 * MR, MB - 2 * MR)];
+
+/// The row micro-panels (first row, rows) of a block holding `rows` ≤ 32
+/// real rows: 12, 12 and 8 for a full block; a partial one (the last block
+/// of a batch, 5 rows at batch 1) stops at its last row, rounded up to 4.
+fn micro_panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(MR)
+        .map(move |r0| (r0, (rows - r0).min(MR).next_multiple_of(4)))
+}
 /// Bytes of one k block of a panel (two tiles of 16 groups × 64 bytes).
 const KBLOCK_BYTES: usize = 2048;
 
@@ -107,7 +114,8 @@ unsafe fn micro_panel<D: Dot, const R: usize>(
     }
 }
 
-/// Every micro-panel of a 32-row block.
+/// The micro-panels of a block's first `rows` rows (the tile's other rows
+/// are left as they were).
 ///
 /// SAFETY: as [`micro_panel`], for 32 rows.
 #[inline(always)]
@@ -116,25 +124,27 @@ unsafe fn block<D: Dot>(
     stride: usize,
     b: *const u8,
     kblocks: usize,
+    rows: usize,
     comp: [__m512i; 2],
     tile: &mut [f32; MB * NB],
 ) {
-    for (r0, mr) in SPLIT {
+    for (r0, mr) in micro_panels(rows.min(MB)) {
         let c = tile[r0 * NB..].as_mut_ptr();
-        // SAFETY: rows r0..r0+mr of the block, per the contract.
+        // SAFETY: rows r0..r0+mr ≤ 32 of the block, per the contract.
         unsafe {
             let a = a.add(r0 * stride);
-            if mr == MR {
-                micro_panel::<D, MR>(a, stride, b, kblocks, comp, c)
-            } else {
-                micro_panel::<D, { MB - 2 * MR }>(a, stride, b, kblocks, comp, c)
+            match mr {
+                12 => micro_panel::<D, 12>(a, stride, b, kblocks, comp, c),
+                8 => micro_panel::<D, 8>(a, stride, b, kblocks, comp, c),
+                _ => micro_panel::<D, 4>(a, stride, b, kblocks, comp, c),
             }
         }
     }
 }
 
 /// A 32×32 int8 block: `tile = Σ a·w` as f32 (exact integers), from
-/// activations stored as `a + 128` (u8) and the panel's 32 column sums.
+/// activations stored as `a + 128` (u8) and the panel's 32 column sums, for
+/// the block's first `rows` rows (rounded up to 4).
 ///
 /// # Safety
 /// The CPU has AVX512-F/BW and AVX512-VNNI; `a` holds 32 rows of
@@ -145,6 +155,7 @@ pub(super) unsafe fn block_int8(
     stride: usize,
     b: *const u8,
     kblocks: usize,
+    rows: usize,
     col_sums: &[i32; NB],
     tile: &mut [f32; MB * NB],
 ) {
@@ -155,11 +166,12 @@ pub(super) unsafe fn block_int8(
             _mm512_slli_epi32::<7>(_mm512_loadu_si512(sums)),
             _mm512_slli_epi32::<7>(_mm512_loadu_si512(sums.add(1))),
         ];
-        block::<Vnni>(a, stride, b, kblocks, comp, tile)
+        block::<Vnni>(a, stride, b, kblocks, rows, comp, tile)
     }
 }
 
-/// A 32×32 bf16 block: `tile = Σ a·w` with f32 accumulation.
+/// A 32×32 bf16 block: `tile = Σ a·w` with f32 accumulation, for the
+/// block's first `rows` rows (rounded up to 4).
 ///
 /// # Safety
 /// The CPU has AVX512-F/BW and AVX512-BF16; `a` holds 32 rows of
@@ -171,9 +183,10 @@ pub(super) unsafe fn block_bf16(
     stride: usize,
     b: *const u8,
     kblocks: usize,
+    rows: usize,
     tile: &mut [f32; MB * NB],
 ) {
     let zero = _mm512_setzero_si512();
     // SAFETY: see the function's contract.
-    unsafe { block::<Bf16>(a, stride, b, kblocks, [zero; 2], tile) }
+    unsafe { block::<Bf16>(a, stride, b, kblocks, rows, [zero; 2], tile) }
 }

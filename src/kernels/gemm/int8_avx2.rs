@@ -67,7 +67,8 @@ unsafe fn micro_panel(
 
 /// A 32×32 int8 block: `tile = Σ q·w` as f32 (exact integers), from
 /// activations stored as `q + 64` (`q ∈ [−63, 63]`) and the panel's 32 column
-/// sums.
+/// sums, for the block's first `rows` rows (rounded up to 4; the tile's
+/// other rows are left as they were).
 ///
 /// # Safety
 /// The CPU has AVX2; `a` holds 32 rows of `kblocks × 64` bytes at `stride`;
@@ -78,6 +79,7 @@ pub(super) unsafe fn block(
     stride: usize,
     b: *const u8,
     kblocks: usize,
+    rows: usize,
     col_sums: &[i32; NB],
     tile: &mut [f32; MB * NB],
 ) {
@@ -94,7 +96,7 @@ pub(super) unsafe fn block(
             // Tile t: columns 16t..16t+16, the panel's bytes from 1024·t in
             // each k block.
             let comp = [comp(2 * t), comp(2 * t + 1)];
-            for r0 in (0..MB).step_by(MR) {
+            for r0 in (0..rows.min(MB)).step_by(MR) {
                 let c = tile[r0 * NB + 16 * t..].as_mut_ptr();
                 micro_panel(
                     a.add(r0 * stride),

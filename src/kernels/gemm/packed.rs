@@ -264,7 +264,9 @@ impl PackedWeight {
                     Kernel::Amx | Kernel::Avx512Dot | Kernel::Avx2Int8 => mblock_range
                         .clone()
                         .zip(tiles.iter_mut())
-                        .for_each(|(mb, tile)| self.block_fast(kernel, &acts, mb, p, tile)),
+                        .for_each(|(mb, tile)| {
+                            self.block_fast(kernel, &acts, mb, MB.min(rows - mb * MB), p, tile)
+                        }),
                     Kernel::Reference | Kernel::Fp32Gemm => mblock_range
                         .clone()
                         .zip(tiles.iter_mut())
@@ -420,13 +422,15 @@ impl PackedWeight {
     }
 
     /// One 32×32 block on AMX or on AVX-512 dot products (int8 activations
-    /// shifted by 128 there), as `kernel` says.
+    /// shifted by 128 there), as `kernel` says; the dot-product kernels stop
+    /// after the block's `valid` rows (rounded up to 4).
     #[cfg(target_arch = "x86_64")]
     fn block_fast(
         &self,
         kernel: Kernel,
         acts: &Activations,
         mb: usize,
+        valid: usize,
         p: usize,
         tile: &mut [f32; MB * NB],
     ) {
@@ -454,12 +458,14 @@ impl PackedWeight {
                 }
             }
             (Kernel::Avx2Int8, _) => unsafe {
-                super::int8_avx2::block(a, stride, b, kblocks, sums(), tile)
+                super::int8_avx2::block(a, stride, b, kblocks, valid, sums(), tile)
             },
             (_, Quant::Int8) => unsafe {
-                super::dot512::block_int8(a, stride, b, kblocks, sums(), tile)
+                super::dot512::block_int8(a, stride, b, kblocks, valid, sums(), tile)
             },
-            (_, Quant::Bf16) => unsafe { super::dot512::block_bf16(a, stride, b, kblocks, tile) },
+            (_, Quant::Bf16) => unsafe {
+                super::dot512::block_bf16(a, stride, b, kblocks, valid, tile)
+            },
         }
     }
 
@@ -469,10 +475,11 @@ impl PackedWeight {
         _kernel: Kernel,
         acts: &Activations,
         mb: usize,
+        valid: usize,
         p: usize,
         tile: &mut [f32; MB * NB],
     ) {
-        self.block_reference(acts, mb, MB, p, tile)
+        self.block_reference(acts, mb, valid, p, tile)
     }
 }
 
@@ -763,6 +770,7 @@ mod tests {
         for quant in [Quant::Bf16, Quant::Int8] {
             check(quant, 5, 20, 40); // smaller than one block everywhere
             check(quant, 150, 96, 160); // several chunks, blocks and tails
+            check(quant, 45, 40, 130); // a 13-row last block: micro-panels of 12 and 4
         }
     }
 
