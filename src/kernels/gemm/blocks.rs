@@ -77,37 +77,92 @@ multiversion! {
         bias: Option<&[f32]>,
         epilogue: Epilogue
     ) {
-        let n = dst.len();
-        let mut v: [f32; NB] = acc.try_into().expect("a block row is 32 wide");
-        if let Some(ws) = w_scales {
-            for (v, &w) in v.iter_mut().zip(ws) {
-                *v *= a_scale * w;
+        let acc: &[f32; NB] = acc.try_into().expect("a block row is 32 wide");
+        match <&mut [f32; NB]>::try_from(&mut *dst) {
+            Ok(full) => finish_full_row(full, acc, a_scale, w_scales, bias, epilogue),
+            Err(_) => finish_partial_row(dst, acc, a_scale, w_scales, bias, epilogue),
+        }
+    }
+}
+
+/// [`finish_row`] for a row of all 32 columns: fixed-length loops with the
+/// missing scales as ones and the missing bias as zeros (exact: `v·1 + 0`
+/// is `v`), so the row stays in registers instead of a copy on the stack.
+#[inline(always)]
+fn finish_full_row(
+    dst: &mut [f32; NB],
+    acc: &[f32; NB],
+    a_scale: f32,
+    w_scales: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+) {
+    const ONES: [f32; NB] = [1.0; NB];
+    const ZEROS: [f32; NB] = [0.0; NB];
+    let full = |s: Option<&[f32]>, default| -> [f32; NB] {
+        s.map_or(default, |s| s.try_into().expect("32 per-column values"))
+    };
+    let (ws, b) = (full(w_scales, ONES), full(bias, ZEROS));
+    let a_scale = if w_scales.is_some() { a_scale } else { 1.0 };
+    let mut v = [0f32; NB];
+    for i in 0..NB {
+        v[i] = acc[i] * (a_scale * ws[i]) + b[i];
+    }
+    match epilogue {
+        Epilogue::Store => *dst = v,
+        Epilogue::Gelu => {
+            for i in 0..NB {
+                dst[i] = gelu(v[i]);
             }
         }
-        if let Some(b) = bias {
-            for (v, &b) in v.iter_mut().zip(b) {
-                *v += b;
+        Epilogue::Residual { gamma } => {
+            let g = full(gamma, ONES);
+            for i in 0..NB {
+                dst[i] += g[i] * v[i];
             }
         }
-        match epilogue {
-            Epilogue::Store => match <&mut [f32; NB]>::try_from(&mut *dst) {
-                Ok(full) => *full = v,
-                Err(_) => dst.copy_from_slice(&v[..n]),
-            },
-            Epilogue::Gelu => {
-                for (d, &v) in dst.iter_mut().zip(&v) {
-                    *d = gelu(v);
-                }
+    }
+}
+
+/// [`finish_row`] for the last panel's partial row (`dst` under 32 wide).
+#[inline(always)]
+fn finish_partial_row(
+    dst: &mut [f32],
+    acc: &[f32; NB],
+    a_scale: f32,
+    w_scales: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+) {
+    let mut v = *acc;
+    if let Some(ws) = w_scales {
+        for (v, &w) in v.iter_mut().zip(ws) {
+            *v *= a_scale * w;
+        }
+    }
+    if let Some(b) = bias {
+        for (v, &b) in v.iter_mut().zip(b) {
+            *v += b;
+        }
+    }
+    match epilogue {
+        Epilogue::Store => {
+            let n = dst.len();
+            dst.copy_from_slice(&v[..n])
+        }
+        Epilogue::Gelu => {
+            for (d, &v) in dst.iter_mut().zip(&v) {
+                *d = gelu(v);
             }
-            Epilogue::Residual { gamma: Some(g) } => {
-                for ((d, &v), &g) in dst.iter_mut().zip(&v).zip(g) {
-                    *d += g * v;
-                }
+        }
+        Epilogue::Residual { gamma: Some(g) } => {
+            for ((d, &v), &g) in dst.iter_mut().zip(&v).zip(g) {
+                *d += g * v;
             }
-            Epilogue::Residual { gamma: None } => {
-                for (d, &v) in dst.iter_mut().zip(&v) {
-                    *d += v;
-                }
+        }
+        Epilogue::Residual { gamma: None } => {
+            for (d, &v) in dst.iter_mut().zip(&v) {
+                *d += v;
             }
         }
     }
