@@ -5,11 +5,11 @@
 //! of the output. q, k and
 //! v are read through strides: no per-head copies, no (B, h, N, N) tensor.
 //! The backward pass (for training) recomputes the probabilities per head.
-//! The reduced precisions run the products as bf16 tiles on AMX
-//! ([`bf16_amx`]).
+//! The reduced precisions run the products as bf16 blocks on AMX or
+//! AVX512-BF16 ([`bf16`]).
 
 #[cfg(target_arch = "x86_64")]
-pub mod bf16_amx;
+pub mod bf16;
 
 use super::math::softmax_row;
 use rayon::prelude::*;
@@ -47,7 +47,8 @@ impl AttentionDims {
 /// `bias`: (heads, N, N) added to the scaled scores, if any.
 /// `out`: (B·N, C), head `h` written to columns `h·d..(h+1)·d`.
 /// `bf16`: the two products may round their operands to bf16 (the reduced
-/// precisions' layers); they do where AMX runs them ([`bf16_amx`]).
+/// precisions' layers); they do where AMX or a fast `vdpbf16ps` runs them
+/// ([`bf16`]).
 pub fn attention(
     qkv: &[f32],
     dims: AttentionDims,
@@ -57,8 +58,11 @@ pub fn attention(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if bf16 && dims.head_dim.is_multiple_of(2) && super::isa::active() >= super::isa::Isa::Amx {
-        return bf16_amx::attention(qkv, dims, scale, bias, out);
+    if bf16
+        && dims.head_dim.is_multiple_of(2)
+        && let Some(products) = bf16::Products::fast_here()
+    {
+        return bf16::attention(products, qkv, dims, scale, bias, out);
     }
     let _ = bf16;
     let AttentionDims {

@@ -178,7 +178,7 @@ pub(super) unsafe fn block_int8(
 /// `kblocks × 64` bytes (32 bf16 a block) at `stride`; `b` is a panel of
 /// `kblocks` k blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(super) unsafe fn block_bf16(
+pub(crate) unsafe fn block_bf16(
     a: *const u8,
     stride: usize,
     b: *const u8,

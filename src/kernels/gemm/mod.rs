@@ -30,9 +30,14 @@ mod f32_portable;
 mod int8_avx2;
 mod packed;
 
+/// The `vdpbf16ps` 32×32 block, shared with attention's bf16 products.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use dot512::block_bf16 as bf16_dot_block;
 pub use f32_panels::PackedF32;
 pub use f32_panels::available as f32_panels_available;
-pub use packed::{Kernel, PackedWeight, Quant, force_kernel, not_accelerated_because};
+pub use packed::{
+    Kernel, PackedWeight, Quant, bf16_dot_is_fast, force_kernel, not_accelerated_because,
+};
 
 /// What happens to `acc + bias` before it lands in the output.
 #[derive(Debug, Clone, Copy)]

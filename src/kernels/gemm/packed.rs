@@ -572,6 +572,12 @@ fn dot_beats_fma(quant: Quant) -> bool {
     }
 }
 
+/// Whether bf16 products run on `vdpbf16ps` here, faster than fp32 FMAs
+/// (AVX512-BF16 allowed, on a CPU that issues it at the FMA rate).
+pub fn bf16_dot_is_fast() -> bool {
+    dot_allowed(Quant::Bf16) && dot_beats_fma(Quant::Bf16)
+}
+
 /// Why `quant` runs as an fp32 GEMM on the rounded operands here (same
 /// numbers, no faster than fp32); None when a dedicated kernel (AMX, or AVX-512
 /// VNNI / BF16 dot products) runs it.

@@ -1,11 +1,13 @@
-//! Attention of the reduced-precision paths (`--dtype bf16` / `int8`) on
-//! Intel AMX: per (image, head), `q·scale` and `k`, then the exponentials
-//! and `v`, are rounded to bf16 and multiplied as tiles with f32 sums; the
-//! bias, the row maxima and sums stay f32, and each output row is divided by
-//! its sum after P·V (one pass over the N×N scores fewer than a softmax).
-//! Base model, one head of 197 tokens on one core of a Sapphire Rapids
-//! Xeon: ~53 µs (packing 10, q·kᵀ 10, exponentials 25, P·V 8) against
-//! ~95 µs for the fp32 kernel ([`super::attention`]).
+//! Attention of the reduced-precision paths (`--dtype bf16` / `int8`) with
+//! bf16 products: per (image, head), `q·scale` and `k`, then the
+//! exponentials and `v`, are rounded to bf16 and multiplied in 32×32 blocks
+//! with f32 sums, as Intel AMX tiles or, on CPUs whose `vdpbf16ps` runs at the
+//! FMA rate (AMD Zen 4), as AVX512-BF16 dot products over the same panel
+//! layout ([`Products`]); the bias, the row maxima and sums stay f32, and each
+//! output row is divided by its sum after P·V (one pass over the N×N scores
+//! fewer than a softmax). Base model, one head of 197 tokens on one core of a
+//! Sapphire Rapids Xeon: ~53 µs with AMX (packing 10, q·kᵀ 10, exponentials
+//! 25, P·V 8) against ~95 µs for the fp32 kernel ([`super::attention`]).
 //!
 //! Every operand is padded to whole 32-token blocks (and the head size to
 //! 32) with zeros, so the padded keys add nothing to P·V and the padded
@@ -13,6 +15,7 @@
 
 use super::AttentionDims;
 use crate::kernels::amx::{self, PANEL_KBLOCK_BYTES};
+use crate::kernels::isa::{self, Isa};
 use crate::kernels::math::{add_bias_max, bf16_bits, exp_fma};
 use rayon::prelude::*;
 
@@ -222,11 +225,85 @@ unsafe fn exp_to_bf16(s: &mut [f32], bias: Option<&[f32]>, p: &mut [u16]) -> f32
     1.0 / sums.iter().sum::<f32>()
 }
 
-/// [`super::attention`] with bf16 tile products: the same arguments.
+/// What multiplies the bf16 blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16 `vdpbf16ps`, the linear layers' dot-product block.
+    Dot,
+}
+
+impl Products {
+    /// The products that pay here: AMX, or `vdpbf16ps` where it issues at
+    /// the FMA rate (the linear layers' choice); None where fp32 attention
+    /// is as fast.
+    pub fn fast_here() -> Option<Products> {
+        if isa::active() >= Isa::Amx {
+            Some(Products::Amx)
+        } else if crate::kernels::gemm::bf16_dot_is_fast() {
+            Some(Products::Dot)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the CPU and the ISA cap allow these products at all.
+    fn allowed(self) -> bool {
+        match self {
+            Products::Amx => isa::active() >= Isa::Amx,
+            Products::Dot => isa::active() >= Isa::Avx512Bf16,
+        }
+    }
+
+    /// `c = a·b` for the first `rows` rows (rounded up to 4; AMX does all
+    /// 32) of a 32×32 block, rows of `c` `c_stride` f32 apart.
+    ///
+    /// # Safety
+    /// The products are allowed; `a` holds 32 rows of `kblocks × 64` bytes
+    /// at `stride`, `b` a panel of `kblocks` k blocks, `c` 32 writable rows
+    /// of 32 f32 at `c_stride`; the caller is compiled for AVX512-BF16.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        self,
+        a: *const u16,
+        stride: usize,
+        b: *const u32,
+        kblocks: usize,
+        rows: usize,
+        c: *mut f32,
+        c_stride: usize,
+        tmp: &mut [f32; BLOCK * BLOCK],
+    ) {
+        let (a, b) = (a as *const u8, b as *const u8);
+        // SAFETY: the function's contract.
+        unsafe {
+            match self {
+                Products::Amx => {
+                    amx::block(a, stride, b, kblocks, false, c as *mut u8, c_stride * 4)
+                }
+                Products::Dot => {
+                    crate::kernels::gemm::bf16_dot_block(a, stride, b, kblocks, rows, tmp);
+                    for r in 0..rows.min(BLOCK) {
+                        std::ptr::copy_nonoverlapping(
+                            tmp[r * BLOCK..].as_ptr(),
+                            c.add(r * c_stride),
+                            BLOCK,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`super::attention`] with bf16 block products: the same arguments.
 ///
 /// # Panics
-/// When the ISA level is below AMX (the caller checks), or the sizes are wrong.
+/// When the CPU or the ISA cap does not allow `products`, or the sizes are wrong.
 pub fn attention(
+    products: Products,
     qkv: &[f32],
     dims: AttentionDims,
     scale: f32,
@@ -234,8 +311,8 @@ pub fn attention(
     out: &mut [f32],
 ) {
     assert!(
-        crate::kernels::isa::active() >= crate::kernels::isa::Isa::Amx,
-        "bf16 attention needs AMX"
+        products.allowed(),
+        "bf16 attention with {products:?} is not allowed on this CPU or under the ISA cap"
     );
     assert!(
         dims.head_dim.is_multiple_of(2),
@@ -253,10 +330,11 @@ pub fn attention(
             let (img, h) = (task / heads, task % heads);
             let bias = bias.map(|b| &b[h * n * n..(h + 1) * n * n]);
             let dst = (out_addr as *mut f32).wrapping_add(img * n * heads * d + h * d);
-            // SAFETY: AMX was asserted above; head h's columns of image img
-            // belong to this task.
+            // SAFETY: the products were asserted allowed above (AVX512-BF16
+            // at least); head h's columns of image img belong to this task.
             unsafe {
                 head(
+                    products,
                     buf,
                     &qkv[img * n * 3 * heads * d..][..n * 3 * heads * d],
                     h,
@@ -274,10 +352,13 @@ pub fn attention(
 /// rows (stride C) start at `dst`.
 ///
 /// # Safety
-/// The ISA level is AMX (which has AVX-512, its BF16 and FMA); `dst` is
-/// valid for N rows of stride C from column h·d, written by no other thread.
+/// `products` are allowed (so the ISA level has AVX-512, its BF16 and FMA);
+/// `dst` is valid for N rows of stride C from column h·d, written by no
+/// other thread.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")]
 unsafe fn head(
+    products: Products,
     buf: &mut Head,
     rows: &[f32],
     h: usize,
@@ -308,20 +389,23 @@ unsafe fn head(
         let hi = (2 * r2 + 1 < n).then(|| row(2 * r2 + 1, 2));
         unsafe { pack_v_pair(row(2 * r2, 2), hi, r2, token_kblocks, &mut buf.v) };
     }
+    let mut tmp = [0f32; BLOCK * BLOCK];
     for mb in 0..token_kblocks {
+        let rows = BLOCK.min(n - mb * BLOCK);
         for panel in 0..token_kblocks {
-            // SAFETY: the caller asserted `active() >= Amx`; q has 32 rows of
-            // dim/32 k blocks from row mb·32, the k panel dim/32 k blocks,
-            // and the scores 32 rows of ≥ 32 columns there.
+            // SAFETY: the products are allowed; q has 32 rows of dim/32 k
+            // blocks from row mb·32, the k panel dim/32 k blocks, and the
+            // scores 32 rows of ≥ 32 columns there.
             unsafe {
-                amx::block(
-                    buf.q[mb * BLOCK * dp..].as_ptr() as *const u8,
+                products.block(
+                    buf.q[mb * BLOCK * dp..].as_ptr(),
                     dp * 2,
-                    buf.k[panel * dim_kblocks * PANEL_KBLOCK_PAIRS..].as_ptr() as *const u8,
+                    buf.k[panel * dim_kblocks * PANEL_KBLOCK_PAIRS..].as_ptr(),
                     dim_kblocks,
-                    false,
-                    buf.scores[mb * BLOCK * tp + panel * BLOCK..].as_mut_ptr() as *mut u8,
-                    tp * 4,
+                    rows,
+                    buf.scores[mb * BLOCK * tp + panel * BLOCK..].as_mut_ptr(),
+                    tp,
+                    &mut tmp,
                 );
             }
         }
@@ -337,18 +421,20 @@ unsafe fn head(
         };
     }
     for mb in 0..token_kblocks {
+        let rows = BLOCK.min(n - mb * BLOCK);
         for panel in 0..dim_kblocks {
             // SAFETY: as above: p has 32 rows of tokens/32 k blocks from row
             // mb·32, the v panel tokens/32 k blocks, the block buffer is 32×32.
             unsafe {
-                amx::block(
-                    buf.p[mb * BLOCK * tp..].as_ptr() as *const u8,
+                products.block(
+                    buf.p[mb * BLOCK * tp..].as_ptr(),
                     tp * 2,
-                    buf.v[panel * token_kblocks * PANEL_KBLOCK_PAIRS..].as_ptr() as *const u8,
+                    buf.v[panel * token_kblocks * PANEL_KBLOCK_PAIRS..].as_ptr(),
                     token_kblocks,
-                    false,
-                    buf.block.as_mut_ptr() as *mut u8,
-                    BLOCK * 4,
+                    rows,
+                    buf.block.as_mut_ptr(),
+                    BLOCK,
+                    &mut tmp,
                 );
             }
             let cols = (d - panel * BLOCK).min(BLOCK);
@@ -370,7 +456,6 @@ unsafe fn head(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::isa::{self, Isa};
     use crate::kernels::math::bf16_to_f32;
     use crate::kernels::test_data as data;
 
@@ -421,50 +506,61 @@ mod tests {
     }
 
     #[test]
-    fn bf16_tiles_match_the_rounded_reference_and_fp32() {
-        if isa::active() < Isa::Amx {
-            eprintln!("skipped: this CPU or the ISA cap has no AMX");
-            return;
+    fn bf16_blocks_match_the_rounded_reference_and_fp32() {
+        let products: Vec<Products> = [Products::Amx, Products::Dot]
+            .into_iter()
+            .filter(|p| p.allowed())
+            .collect();
+        if products.is_empty() {
+            eprintln!("skipped: this CPU or the ISA cap has neither AMX nor AVX512-BF16");
         }
-        // Head sizes of the models (64, 32) and one that is not a multiple
-        // of 32; token counts with partial 32-blocks, odd and even.
-        for (b, n, h, d) in [
-            (2, 50, 2, 32),
-            (1, 197, 2, 64),
-            (2, 29, 3, 48),
-            (1, 33, 1, 64),
-        ] {
-            let c = h * d;
-            // Scores of a few units, as in trained models, so that the
-            // softmax is not flat.
-            let qkv: Vec<f32> = data(b * n * 3 * c, 21).iter().map(|v| 2.0 * v).collect();
-            let bias = data(h * n * n, 22);
-            let scale = (d as f32).powf(-0.5);
-            let dims = AttentionDims {
-                batch: b,
-                tokens: n,
-                heads: h,
-                head_dim: d,
-            };
-            let mut tiles = vec![f32::NAN; b * n * c];
-            attention(&qkv, dims, scale, Some(&bias), &mut tiles);
-            let mut fp32 = vec![f32::NAN; b * n * c];
-            super::super::attention(&qkv, dims, scale, Some(&bias), false, &mut fp32);
-            let reference = rounded_reference(&qkv, (b, n, h, d), scale, &bias);
-            let (mut worst_ref, mut worst_f32) = (0f64, 0f64);
-            for ((&t, &f), &r) in tiles.iter().zip(&fp32).zip(&reference) {
-                worst_ref = worst_ref.max((t as f64 - r).abs());
-                worst_f32 = worst_f32.max((t - f).abs() as f64);
+        for products in products {
+            // Head sizes of the models (64, 32) and one that is not a multiple
+            // of 32; token counts with partial 32-blocks, odd and even.
+            for (b, n, h, d) in [
+                (2, 50, 2, 32),
+                (1, 197, 2, 64),
+                (2, 29, 3, 48),
+                (1, 33, 1, 64),
+            ] {
+                let c = h * d;
+                // Scores of a few units, as in trained models, so that the
+                // softmax is not flat.
+                let qkv: Vec<f32> = data(b * n * 3 * c, 21).iter().map(|v| 2.0 * v).collect();
+                let bias = data(h * n * n, 22);
+                let scale = (d as f32).powf(-0.5);
+                let dims = AttentionDims {
+                    batch: b,
+                    tokens: n,
+                    heads: h,
+                    head_dim: d,
+                };
+                let mut tiles = vec![f32::NAN; b * n * c];
+                attention(products, &qkv, dims, scale, Some(&bias), &mut tiles);
+                let mut fp32 = vec![f32::NAN; b * n * c];
+                super::super::attention(&qkv, dims, scale, Some(&bias), false, &mut fp32);
+                let reference = rounded_reference(&qkv, (b, n, h, d), scale, &bias);
+                let (mut worst_ref, mut worst_f32) = (0f64, 0f64);
+                for ((&t, &f), &r) in tiles.iter().zip(&fp32).zip(&reference) {
+                    worst_ref = worst_ref.max((t as f64 - r).abs());
+                    worst_f32 = worst_f32.max((t - f).abs() as f64);
+                }
+                // Against the rounded operands only the f32 sums (and a rare
+                // probability rounded the other way) differ; against fp32 the
+                // bf16 rounding of every operand shows.
+                assert!(
+                    worst_ref < 2e-3,
+                    "{products:?} {b}x{n}x{h}x{d}: {worst_ref} from the rounded reference"
+                );
+                assert!(
+                    worst_f32 < 5e-2,
+                    "{products:?} {b}x{n}x{h}x{d}: {worst_f32} from fp32"
+                );
+                assert!(
+                    worst_f32 > 1e-5,
+                    "{products:?} {b}x{n}x{h}x{d}: no bf16 rounding seen"
+                );
             }
-            // Against the rounded operands only the f32 sums (and a rare
-            // probability rounded the other way) differ; against fp32 the
-            // bf16 rounding of every operand shows.
-            assert!(
-                worst_ref < 2e-3,
-                "{b}x{n}x{h}x{d}: {worst_ref} from the rounded reference"
-            );
-            assert!(worst_f32 < 5e-2, "{b}x{n}x{h}x{d}: {worst_f32} from fp32");
-            assert!(worst_f32 > 1e-5, "{b}x{n}x{h}x{d}: no bf16 rounding seen");
         }
     }
 }
