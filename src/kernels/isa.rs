@@ -157,15 +157,19 @@ fn cpu_has(_feature: &str) -> bool {
     false
 }
 
-/// The CPU reports itself as AMD's ("AuthenticAMD").
+/// The CPU reports itself as AMD's ("AuthenticAMD"). Asked once: `cpuid`
+/// leaves a virtual machine for the hypervisor, and kernels ask per call.
 #[cfg(target_arch = "x86_64")]
 pub fn cpu_vendor_is_amd() -> bool {
-    let r = std::arch::x86_64::__cpuid(0);
-    let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect();
-    vendor == b"AuthenticAMD"
+    static AMD: OnceLock<bool> = OnceLock::new();
+    *AMD.get_or_init(|| {
+        let r = std::arch::x86_64::__cpuid(0);
+        let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        vendor == b"AuthenticAMD"
+    })
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -83,14 +83,21 @@ pub fn available() -> bool {
     Level::active().is_some()
 }
 
-/// Whether a product of `rows` rows runs here, where panels were made: at
-/// the AVX-512 level up to [`F32_PANEL_MAX_ROWS`], at the AVX2 level at any
-/// size, because the `gemm` crate's AVX2 kernels trail ours at every size
-/// measured (AMD Zen 4, 2 threads, the base model's shapes: 132–173 GFLOP/s
-/// against 160–200).
+/// Whether a product of `rows` rows runs here, where panels were made:
+/// - at the AVX2 level at any size: the `gemm` crate's AVX2 kernels trail
+///   ours at every size measured (AMD Zen 4, 2 threads, the base model's
+///   shapes: 132–173 GFLOP/s against 160–200);
+/// - at the AVX-512 level on AMD at any size: on Zen 4 the base model at
+///   batch 8 ran at 5.36–5.58 images/s with panels against 4.69–5.07 with
+///   the `gemm` crate (six interleaved runs each; the fused epilogues spare
+///   the residual's temporary and its pass);
+/// - at the AVX-512 level on Intel up to [`F32_PANEL_MAX_ROWS`], as measured
+///   there.
 pub fn takes(rows: usize) -> bool {
     match Level::active() {
-        Some(Level::Avx512) => rows <= F32_PANEL_MAX_ROWS,
+        Some(Level::Avx512) => {
+            rows <= F32_PANEL_MAX_ROWS || crate::kernels::isa::cpu_vendor_is_amd()
+        }
         Some(Level::Avx2) => true,
         None => false,
     }

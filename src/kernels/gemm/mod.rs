@@ -77,11 +77,12 @@ pub enum WeightRef<'a> {
 }
 
 /// Largest row count (batch × tokens) sent to the fp32 panel kernel at the
-/// AVX-512 level; above it the `gemm` crate's AVX-512 kernels are as fast or
-/// faster. Measured on the base model's shapes (2 threads, Sapphire Rapids):
-/// at 197 rows the panel kernel ran at 124–136 GFLOP/s against `gemm`'s
-/// 81–134, at 1576 rows at 153–172 against 157–198. At the AVX2 level the
-/// panels take every row count ([`f32_panels::takes`]).
+/// AVX-512 level on Intel; above it the `gemm` crate's AVX-512 kernels were
+/// as fast or faster. Measured on the base model's shapes (2 threads,
+/// Sapphire Rapids): at 197 rows the panel kernel ran at 124–136 GFLOP/s
+/// against `gemm`'s 81–134, at 1576 rows at 153–172 against 157–198. At
+/// the AVX2 level, and on AMD, the panels take every row count
+/// ([`f32_panels::takes`]).
 pub const F32_PANEL_MAX_ROWS: usize = 512;
 
 /// Checks the operand sizes of `out ← epilogue(x·Wᵀ + b)` for a weight of
