@@ -114,8 +114,9 @@ fn write_result(out: &mut impl Write, format: Format, r: &ImageResult) -> Result
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
     let paths = inputs::expand_paths(&args.paths)?;
-    let model = args.model.load(args.dtype)?;
-    let cfg = &model.cfg;
+    let mut model = args.model.load(args.dtype)?;
+    let cfg = model.cfg.clone();
+    let cfg = &cfg;
     if cfg.num_classes == 0 {
         anyhow::bail!("the model has no classifier head; use `beitv2 features` instead");
     }
@@ -146,6 +147,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
         Some(path) => batch::remaining(&paths, &done, path),
         None => paths.iter().collect(),
     };
+    super::pack_f32_for_run(&mut model, args.dtype, paths.len())?;
     if matches!(args.format, Format::Csv) && done.len == 0 {
         sink.write(&format!("{CSV_HEADER}\n"))?;
     }

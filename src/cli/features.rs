@@ -133,7 +133,8 @@ pub fn run(args: FeaturesArgs) -> Result<()> {
     let Some(mut sink) = opened.sink else {
         return batch::finished_output(&args.output, &opened.done, todo.len());
     };
-    let model = args.model.load(args.dtype)?;
+    let mut model = args.model.load(args.dtype)?;
+    super::pack_f32_for_run(&mut model, args.dtype, paths.len())?;
     let transform = args.pre.transform(&model.cfg)?;
     let pb = progress(todo.len(), "embedding");
     let mut failures = Vec::new();

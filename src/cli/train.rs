@@ -236,8 +236,9 @@ impl Task for Classifier {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let model = args.model.load(args.dtype)?;
+    let mut model = args.model.load(args.dtype)?;
     let data = Arc::new(open_dataset(&args.data)?);
+    super::pack_f32_for_run(&mut model, args.dtype, data.len())?;
     let mut t = eval_transform(&model.cfg);
     let crop_pct = args.crop_pct.unwrap_or(model.cfg.crop_pct);
     if let Some(c) = args.crop_pct {

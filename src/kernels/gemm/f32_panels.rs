@@ -10,7 +10,7 @@
 //! `f32_avx2.rs` (6 rows × 2 ymm, each panel as two 16-column halves).
 
 use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
-use super::{Epilogue, F32_PANEL_MAX_ROWS, check_sizes};
+use super::{Epilogue, check_sizes};
 use crate::kernels::scratch;
 use rayon::prelude::*;
 
@@ -81,26 +81,6 @@ impl Level {
 /// Whether the panel kernel can run here (AVX2 + FMA allowed, or AVX-512).
 pub fn available() -> bool {
     Level::active().is_some()
-}
-
-/// Whether a product of `rows` rows runs here, where panels were made:
-/// - at the AVX2 level at any size: the `gemm` crate's AVX2 kernels trail
-///   ours at every size measured (AMD Zen 4, 2 threads, the base model's
-///   shapes: 132–173 GFLOP/s against 160–200);
-/// - at the AVX-512 level on AMD at any size: on Zen 4 the base model at
-///   batch 8 ran at 5.36–5.58 images/s with panels against 4.69–5.07 with
-///   the `gemm` crate (six interleaved runs each; the fused epilogues spare
-///   the residual's temporary and its pass);
-/// - at the AVX-512 level on Intel up to [`F32_PANEL_MAX_ROWS`], as measured
-///   there.
-pub fn takes(rows: usize) -> bool {
-    match Level::active() {
-        Some(Level::Avx512) => {
-            rows <= F32_PANEL_MAX_ROWS || crate::kernels::isa::cpu_vendor_is_amd()
-        }
-        Some(Level::Avx2) => true,
-        None => false,
-    }
 }
 
 /// A `(out, in)` fp32 weight in column panels of 32 outputs.
@@ -379,6 +359,32 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
+        // Resumed batch jobs regroup images into other batches: every row
+        // must come out with the same bits whatever the batch holds.
+        let (rows, n, k) = (70, 40, 300);
+        let (x, w, bias) = (data(rows * k, 6), data(n * k, 7), data(n, 8));
+        let packed = PackedF32::pack(&w, n, k);
+        for level in levels_here() {
+            let mut all = vec![0f32; rows * n];
+            packed.matmul_at(level, &x, rows, Some(&bias), Epilogue::Gelu, &mut all);
+            for (r0, r1) in [(0, 1), (0, 5), (5, 38), (38, 70), (69, 70)] {
+                let mut part = vec![0f32; (r1 - r0) * n];
+                let xs = &x[r0 * k..r1 * k];
+                packed.matmul_at(level, xs, r1 - r0, Some(&bias), Epilogue::Gelu, &mut part);
+                let same = part
+                    .iter()
+                    .zip(&all[r0 * n..r1 * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{level:?}: rows {r0}..{r1} alone differ from the batch of {rows}"
+                );
             }
         }
     }
