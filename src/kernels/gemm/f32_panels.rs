@@ -196,17 +196,33 @@ fn pack_block(dst: &mut [f32], src: &[f32], k: usize) {
     let rows = src.len() / k;
     for (r0, mr) in micro_panels(rows) {
         let panel = &mut dst[r0 * k..(r0 + mr) * k];
-        for r in 0..mr {
-            if r0 + r < rows {
-                let row = &src[(r0 + r) * k..(r0 + r + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * mr + r] = v;
-                }
-            } else {
-                for kk in 0..k {
-                    panel[kk * mr + r] = 0.0;
-                }
-            }
+        let real = mr.min(rows - r0);
+        let src = &src[r0 * k..(r0 + real) * k];
+        match mr {
+            12 => pack_micro_panel::<12>(panel, src, k),
+            8 => pack_micro_panel::<8>(panel, src, k),
+            _ => pack_micro_panel::<4>(panel, src, k),
+        }
+    }
+}
+
+/// One micro-panel: `panel[kk·MR + r] = src[r][kk]`, zero past the real
+/// rows. The panel is written in order, a k step (MR values) at a time,
+/// while the rows are read as MR sequential streams.
+#[inline(always)]
+fn pack_micro_panel<const MR: usize>(panel: &mut [f32], src: &[f32], k: usize) {
+    let real = src.len() / k;
+    let rows: [&[f32]; MR] = std::array::from_fn(|r| {
+        if r < real {
+            &src[r * k..(r + 1) * k]
+        } else {
+            &[]
+        }
+    });
+    for (kk, step) in panel.chunks_exact_mut(MR).enumerate() {
+        let step: &mut [f32; MR] = step.try_into().expect("MR values a k step");
+        for r in 0..MR {
+            step[r] = rows[r].get(kk).copied().unwrap_or(0.0);
         }
     }
 }
