@@ -12,6 +12,21 @@ pub const MB: usize = 32;
 /// Row blocks that share one pass over the weight panels: their activations
 /// (≤ 128 rows × in) stay in L2 while the panels stream past.
 pub const CHUNK_MBLOCKS: usize = 4;
+/// Rows of a micro-panel in the AVX-512 register blocks (fp32 panels and
+/// the dot-product kernels): 12 × 2 accumulators, 2 weight vectors and a
+/// broadcast.
+pub const MICRO_ROWS: usize = 12;
+
+/// The row micro-panels (first row, rows) of a block holding `rows` ≤ 32
+/// real rows: 12, 12 and 8 for a full block; a partial one (the last block
+/// of a batch, 5 rows at batch 1) stops at its last row, rounded up to 4,
+/// instead of multiplying zero rows.
+pub fn micro_panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows)
+        .step_by(MICRO_ROWS)
+        .map(move |r0| (r0, (rows - r0).min(MICRO_ROWS).next_multiple_of(4)))
+}
+
 /// What the AVX2 int8 kernel's 7-bit activations are stored as: `q + 64`
 /// (`int8_avx2.rs`; here so that the layout code builds on every target).
 pub const AVX2_INT8_OFFSET: i32 = 64;

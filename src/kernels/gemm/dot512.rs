@@ -17,20 +17,9 @@
 //! `Σ (a + 128)·w − 128·Σ w = Σ a·w`, exactly, so the result equals AMX's
 //! `tdpbssd` bit for bit.
 
-use super::blocks::{MB, NB};
+use super::blocks::{MB, NB, micro_panels};
 use std::arch::x86_64::*;
 
-/// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
-const MR: usize = 12;
-
-/// The row micro-panels (first row, rows) of a block holding `rows` ≤ 32
-/// real rows: 12, 12 and 8 for a full block; a partial one (the last block
-/// of a batch, 5 rows at batch 1) stops at its last row, rounded up to 4.
-fn micro_panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..rows)
-        .step_by(MR)
-        .map(move |r0| (r0, (rows - r0).min(MR).next_multiple_of(4)))
-}
 /// Bytes of one k block of a panel (two tiles of 16 groups × 64 bytes).
 const KBLOCK_BYTES: usize = 2048;
 

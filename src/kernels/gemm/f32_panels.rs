@@ -9,23 +9,11 @@
 //! blocks are one per ISA level: `f32_avx512.rs` (12 rows × 2 zmm) and
 //! `f32_avx2.rs` (6 rows × 2 ymm, each panel as two 16-column halves).
 
-use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
+use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row, micro_panels};
 use super::{Epilogue, check_sizes};
 use crate::kernels::scratch;
 use rayon::prelude::*;
 
-/// Rows per register block: 12 × 2 accumulators + 2 weight vectors + a broadcast.
-const MR: usize = 12;
-
-/// The row micro-panels (first row, rows) of a block holding `rows` ≤ 32
-/// real rows: 12, 12 and 8 for a full block; a partial one (the last block
-/// of a batch, 5 rows at batch 1) stops at its last row, rounded up to 4,
-/// instead of multiplying zero rows.
-fn micro_panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..rows)
-        .step_by(MR)
-        .map(move |r0| (r0, (rows - r0).min(MR).next_multiple_of(4)))
-}
 /// Reduction slice: 128 × 32 panel values (16 KiB) stay in L1.
 const KC: usize = 128;
 
