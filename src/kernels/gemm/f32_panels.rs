@@ -1,4 +1,4 @@
-//! fp32 linear layers for small batches, with weights packed once at load
+//! fp32 linear layers on weights packed once at load (`Beit::set_precision`)
 //! into column panels `[panel][k][32]`, activations repacked per call into
 //! micro-panels of 12 (or 8, or 4) rows, and the reduction run in slices that
 //! keep a slice of the panel in L1 while every micro-panel of a 128-row chunk
@@ -36,6 +36,16 @@ impl Level {
         } else {
             None
         }
+    }
+
+    /// Whether the CPU has this level's features, whatever the ISA cap.
+    fn on_this_cpu(self) -> bool {
+        use crate::kernels::isa::{Isa, detected};
+        let needs = match self {
+            Level::Avx512 => Isa::Avx512,
+            Level::Avx2 => Isa::Avx2,
+        };
+        cfg!(target_arch = "x86_64") && detected() >= needs
     }
 
     /// [`chunk`] compiled for this level.
@@ -121,8 +131,10 @@ impl PackedF32 {
         self.matmul_at(level, x, rows, bias, epilogue, out)
     }
 
-    /// [`PackedF32::matmul`] with the register blocks of `level`, which the
-    /// CPU must have.
+    /// [`PackedF32::matmul`] with the register blocks of `level`.
+    ///
+    /// # Panics
+    /// When the CPU lacks the level's features.
     fn matmul_at(
         &self,
         level: Level,
@@ -132,6 +144,10 @@ impl PackedF32 {
         epilogue: Epilogue,
         out: &mut [f32],
     ) {
+        assert!(
+            level.on_this_cpu(),
+            "this CPU cannot run the {level:?} panel kernel"
+        );
         let k = self.in_dim;
         check_sizes(x, rows, (self.out_dim, k), bias, epilogue, out);
         if rows == 0 || self.out_dim == 0 {
@@ -154,7 +170,7 @@ impl PackedF32 {
             let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
             for p in panel_range {
                 let b = &self.data[p * k * NB..(p + 1) * k * NB];
-                // SAFETY: the level is active; slices sized by construction.
+                // SAFETY: the CPU has the level (asserted above); slices sized by construction.
                 unsafe { level.chunk(a, k, rows, mrange.clone(), b, &mut tiles) };
                 let n0 = p * NB;
                 let ncols = NB.min(self.out_dim - n0);
@@ -305,15 +321,10 @@ mod tests {
 
     /// The levels this CPU has, whatever the cap (the test calls each directly).
     fn levels_here() -> Vec<Level> {
-        use crate::kernels::isa::{Isa, detected};
-        let mut levels = Vec::new();
-        if cfg!(target_arch = "x86_64") && detected() >= Isa::Avx2 {
-            levels.push(Level::Avx2);
-        }
-        if cfg!(target_arch = "x86_64") && detected() >= Isa::Avx512 {
-            levels.push(Level::Avx512);
-        }
-        levels
+        [Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|l| l.on_this_cpu())
+            .collect()
     }
 
     #[test]
