@@ -40,11 +40,11 @@ pub struct TaskGrid {
     mchunks: usize,
     panels: usize,
     per_group: usize,
-    pub tasks: usize,
+    tasks: usize,
 }
 
 impl TaskGrid {
-    pub fn new(rows: usize, out_dim: usize) -> Self {
+    fn new(rows: usize, out_dim: usize) -> Self {
         let mblocks = rows.div_ceil(MB);
         let mchunks = mblocks.div_ceil(CHUNK_MBLOCKS);
         let panels = out_dim.div_ceil(NB);
@@ -60,11 +60,30 @@ impl TaskGrid {
         }
     }
 
+    /// Runs `panel(row blocks, p, tiles)` for every chunk of row blocks and
+    /// every column panel `p` of an `rows × out_dim` product, the tasks in
+    /// parallel, each with its own [`CHUNK_MBLOCKS`] tiles (one per row
+    /// block of its chunk) that `panel` fills and finishes.
+    pub fn for_each_panel<F>(rows: usize, out_dim: usize, panel: F)
+    where
+        F: Fn(std::ops::Range<usize>, usize, &mut [[f32; MB * NB]]) + Sync,
+    {
+        use rayon::prelude::*;
+        let grid = Self::new(rows, out_dim);
+        (0..grid.tasks).into_par_iter().for_each(|task| {
+            let (mblocks, panels) = grid.task(task);
+            let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
+            for p in panels {
+                panel(mblocks.clone(), p, &mut tiles);
+            }
+        });
+    }
+
     /// Task `i`'s row blocks and column panels. Consecutive tasks share a
     /// panel group, so that when rayon hands each thread a contiguous run
     /// of tasks, each thread streams its own part of the weights instead of
     /// every thread streaming all of them.
-    pub fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    fn task(&self, i: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let (g, mc) = (i / self.mchunks, i % self.mchunks);
         (
             mc * CHUNK_MBLOCKS..((mc + 1) * CHUNK_MBLOCKS).min(self.mblocks),

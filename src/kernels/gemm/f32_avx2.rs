@@ -6,7 +6,7 @@
 //! activations keep the micro-panel layout of the AVX-512 level.
 
 use super::blocks::{MB, NB};
-use super::f32_panels::{FmaRows, chunk as generic_chunk};
+use super::f32_panels::{FmaRows, Lanes, chunk as generic_chunk, rows};
 use std::arch::x86_64::*;
 
 struct Avx2;
@@ -28,55 +28,43 @@ impl FmaRows for Avx2 {
                 let (b, c) = (b.add(half), c.add(half));
                 match mr {
                     12 => {
-                        rows::<6>(a, 12, k, b, c, add);
-                        rows::<6>(a.add(6), 12, k, b, c.add(6 * NB), add);
+                        rows::<__m256, 6>(a, 12, k, b, c, add);
+                        rows::<__m256, 6>(a.add(6), 12, k, b, c.add(6 * NB), add);
                     }
                     8 => {
-                        rows::<4>(a, 8, k, b, c, add);
-                        rows::<4>(a.add(4), 8, k, b, c.add(4 * NB), add);
+                        rows::<__m256, 4>(a, 8, k, b, c, add);
+                        rows::<__m256, 4>(a.add(4), 8, k, b, c.add(4 * NB), add);
                     }
-                    _ => rows::<4>(a, 4, k, b, c, add),
+                    _ => rows::<__m256, 4>(a, 4, k, b, c, add),
                 }
             }
         }
     }
 }
 
-/// `c[r][..16] (+)= Σ_k a[k·lda + r] · b[k·32..][..16]` for `R` rows.
-///
-/// SAFETY: k × lda values at `a` (R ≤ lda), k rows of 32 at `b` (16 read),
-/// R rows of 32 at `c` (16 written); the caller has AVX2 and FMA.
-#[inline(always)]
-unsafe fn rows<const R: usize>(
-    a: *const f32,
-    lda: usize,
-    k: usize,
-    b: *const f32,
-    c: *mut f32,
-    add: bool,
-) {
-    // SAFETY: see the function's contract.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        if add {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_loadu_ps(c.add(r * NB));
-                acc[1] = _mm256_loadu_ps(c.add(r * NB + 8));
-            }
-        }
-        for kk in 0..k {
-            let b0 = _mm256_loadu_ps(b.add(kk * NB));
-            let b1 = _mm256_loadu_ps(b.add(kk * NB + 8));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_ps(*a.add(kk * lda + r));
-                acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(c.add(r * NB), acc[0]);
-            _mm256_storeu_ps(c.add(r * NB + 8), acc[1]);
-        }
+// SAFETY (every method): `rows` calls them only inside the `chunk` below,
+// compiled for AVX2 and FMA, on pointers its contract covers.
+impl Lanes for __m256 {
+    const WIDTH: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        unsafe { _mm256_set1_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
+        unsafe { _mm256_fmadd_ps(a, b, acc) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { _mm256_storeu_ps(p, self) }
     }
 }
 

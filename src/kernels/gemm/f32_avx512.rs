@@ -3,7 +3,7 @@
 //! 32 values once and broadcasting one activation per row.
 
 use super::blocks::{MB, NB};
-use super::f32_panels::{FmaRows, chunk as generic_chunk};
+use super::f32_panels::{FmaRows, Lanes, chunk as generic_chunk, rows};
 use std::arch::x86_64::*;
 
 struct Avx512;
@@ -21,42 +21,37 @@ impl FmaRows for Avx512 {
         // SAFETY: the trait's contract; `rows` reads mr values a k step.
         unsafe {
             match mr {
-                12 => rows::<12>(a, k, b, c, add),
-                8 => rows::<8>(a, k, b, c, add),
-                _ => rows::<4>(a, k, b, c, add),
+                12 => rows::<__m512, 12>(a, 12, k, b, c, add),
+                8 => rows::<__m512, 8>(a, 8, k, b, c, add),
+                _ => rows::<__m512, 4>(a, 4, k, b, c, add),
             }
         }
     }
 }
 
-/// `c[r][..] (+)= Σ_k a[k][r] · b[k][..]` for `R` rows and 32 columns.
-///
-/// SAFETY: k × R values at `a`, k × 32 at `b`, R × 32 writable at `c`;
-/// the caller has AVX-512F.
-#[inline(always)]
-unsafe fn rows<const R: usize>(a: *const f32, k: usize, b: *const f32, c: *mut f32, add: bool) {
-    // SAFETY: see the function's contract.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        if add {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm512_loadu_ps(c.add(r * NB));
-                acc[1] = _mm512_loadu_ps(c.add(r * NB + 16));
-            }
-        }
-        for kk in 0..k {
-            let b0 = _mm512_loadu_ps(b.add(kk * NB));
-            let b1 = _mm512_loadu_ps(b.add(kk * NB + 16));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(kk * R + r));
-                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * NB), acc[0]);
-            _mm512_storeu_ps(c.add(r * NB + 16), acc[1]);
-        }
+// SAFETY (every method): `rows` calls them only inside the `chunk` below,
+// compiled for AVX-512F, on pointers its contract covers.
+impl Lanes for __m512 {
+    const WIDTH: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        unsafe { _mm512_set1_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, acc: Self) -> Self {
+        unsafe { _mm512_fmadd_ps(a, b, acc) }
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        unsafe { _mm512_storeu_ps(p, self) }
     }
 }
 

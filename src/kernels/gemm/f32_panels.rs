@@ -9,7 +9,7 @@
 //! blocks are one per ISA level: `f32_avx512.rs` (12 rows × 2 zmm) and
 //! `f32_avx2.rs` (6 rows × 2 ymm, each panel as two 16-column halves).
 
-use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row, micro_panels};
+use super::blocks::{MB, NB, TaskGrid, finish_row, micro_panels};
 use super::{Epilogue, check_sizes};
 use crate::kernels::scratch;
 use rayon::prelude::*;
@@ -162,32 +162,27 @@ impl PackedF32 {
                 let src = &x[mb * MB * k..((mb + 1) * MB).min(rows) * k];
                 pack_block(dst, src, k)
             });
-        let grid = TaskGrid::new(rows, self.out_dim);
         let out_addr = out.as_mut_ptr() as usize;
         let a: &[f32] = &panels_a;
-        (0..grid.tasks).into_par_iter().for_each(|task| {
-            let (mrange, panel_range) = grid.task(task);
-            let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
-            for p in panel_range {
-                let b = &self.data[p * k * NB..(p + 1) * k * NB];
-                // SAFETY: the CPU has the level (asserted above); slices sized by construction.
-                unsafe { level.chunk(a, k, rows, mrange.clone(), b, &mut tiles) };
-                let n0 = p * NB;
-                let ncols = NB.min(self.out_dim - n0);
-                let bias = bias.map(|b| &b[n0..n0 + ncols]);
-                let epi = epilogue.columns(n0..n0 + ncols);
-                for (mb, tile) in mrange.clone().zip(&tiles) {
-                    for r in 0..MB.min(rows - mb * MB) {
-                        let m = mb * MB + r;
-                        // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (out_addr as *mut f32).add(m * self.out_dim + n0),
-                                ncols,
-                            )
-                        };
-                        finish_row(dst, &tile[r * NB..(r + 1) * NB], 1.0, None, bias, epi);
-                    }
+        TaskGrid::for_each_panel(rows, self.out_dim, |mrange, p, tiles| {
+            let b = &self.data[p * k * NB..(p + 1) * k * NB];
+            // SAFETY: the CPU has the level (asserted above); slices sized by construction.
+            unsafe { level.chunk(a, k, rows, mrange.clone(), b, tiles) };
+            let n0 = p * NB;
+            let ncols = NB.min(self.out_dim - n0);
+            let bias = bias.map(|b| &b[n0..n0 + ncols]);
+            let epi = epilogue.columns(n0..n0 + ncols);
+            for (mb, tile) in mrange.zip(tiles.iter()) {
+                for r in 0..MB.min(rows - mb * MB) {
+                    let m = mb * MB + r;
+                    // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (out_addr as *mut f32).add(m * self.out_dim + n0),
+                            ncols,
+                        )
+                    };
+                    finish_row(dst, &tile[r * NB..(r + 1) * NB], 1.0, None, bias, epi);
                 }
             }
         });
@@ -227,6 +222,72 @@ fn pack_micro_panel<const MR: usize>(panel: &mut [f32], src: &[f32], k: usize) {
         let step: &mut [f32; MR] = step.try_into().expect("MR values a k step");
         for r in 0..MR {
             step[r] = rows[r].get(kk).copied().unwrap_or(0.0);
+        }
+    }
+}
+
+/// The vector operations of one level's register block (`__m512`,
+/// `__m256`): `WIDTH` f32 lanes.
+pub(super) trait Lanes: Copy {
+    const WIDTH: usize;
+    /// # Safety
+    /// The caller runs with the level's target features (all five).
+    unsafe fn zero() -> Self;
+    /// # Safety
+    /// `p` holds `WIDTH` readable f32.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// As [`Lanes::zero`].
+    unsafe fn splat(v: f32) -> Self;
+    /// `a·b + acc`, fused.
+    ///
+    /// # Safety
+    /// As [`Lanes::zero`].
+    unsafe fn fma(a: Self, b: Self, acc: Self) -> Self;
+    /// # Safety
+    /// `p` holds `WIDTH` writable f32.
+    unsafe fn store(self, p: *mut f32);
+}
+
+/// The register block of every level: `c[r][..2W] (+)= Σ_k a[k·lda + r] ·
+/// b[k·32..][..2W]` for `R` rows, two vectors of accumulators a row, each k
+/// step loading two weight vectors and broadcasting one activation per row.
+///
+/// # Safety
+/// k × lda values at `a` (R ≤ lda), k rows of 32 at `b` and R rows of 32
+/// at `c` (2·WIDTH ≤ 32 of each read or written); the caller runs with
+/// `V`'s target features.
+#[inline(always)]
+pub(super) unsafe fn rows<V: Lanes, const R: usize>(
+    a: *const f32,
+    lda: usize,
+    k: usize,
+    b: *const f32,
+    c: *mut f32,
+    add: bool,
+) {
+    let w = V::WIDTH;
+    // SAFETY: see the function's contract.
+    unsafe {
+        let mut acc = [[V::zero(); 2]; R];
+        if add {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                acc[0] = V::load(c.add(r * NB));
+                acc[1] = V::load(c.add(r * NB + w));
+            }
+        }
+        for kk in 0..k {
+            let b0 = V::load(b.add(kk * NB));
+            let b1 = V::load(b.add(kk * NB + w));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = V::splat(*a.add(kk * lda + r));
+                acc[0] = V::fma(av, b0, acc[0]);
+                acc[1] = V::fma(av, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            acc[0].store(c.add(r * NB));
+            acc[1].store(c.add(r * NB + w));
         }
     }
 }

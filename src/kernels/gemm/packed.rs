@@ -10,7 +10,7 @@
 //! GEMM (the same numbers up to fp32 rounding of the sums, at fp32 speed).
 //! Plain loops over the layout are the reference the tests compare with.
 
-use super::blocks::{CHUNK_MBLOCKS, MB, NB, TaskGrid, finish_row};
+use super::blocks::{MB, NB, TaskGrid, finish_row};
 use super::{Epilogue, check_sizes};
 use crate::kernels::isa::{self, Isa};
 use crate::kernels::math::{bf16_bits, bf16_to_f32};
@@ -254,42 +254,37 @@ impl PackedWeight {
         if kernel == Kernel::Fp32Gemm {
             return self.matmul_fp32(&acts, rows, bias, epilogue, out);
         }
-        let grid = TaskGrid::new(rows, self.out_dim);
         let out_addr = out.as_mut_ptr() as usize;
-        (0..grid.tasks).into_par_iter().for_each(|task| {
-            let (mblock_range, panel_range) = grid.task(task);
-            let mut tiles = vec![[0f32; MB * NB]; CHUNK_MBLOCKS];
-            for p in panel_range {
-                match kernel {
-                    Kernel::Amx | Kernel::Avx512Dot | Kernel::Avx2Int8 => mblock_range
-                        .clone()
-                        .zip(tiles.iter_mut())
-                        .for_each(|(mb, tile)| {
-                            self.block_fast(kernel, &acts, mb, MB.min(rows - mb * MB), p, tile)
-                        }),
-                    Kernel::Reference | Kernel::Fp32Gemm => mblock_range
-                        .clone()
-                        .zip(tiles.iter_mut())
-                        .for_each(|(mb, tile)| {
-                            self.block_reference(&acts, mb, MB.min(rows - mb * MB), p, tile)
-                        }),
-                }
-                for (mb, tile) in mblock_range.clone().zip(&tiles) {
-                    let valid = MB.min(rows - mb * MB);
-                    // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
-                    unsafe {
-                        self.finish(
-                            &acts,
-                            mb,
-                            valid,
-                            p,
-                            tile,
-                            bias,
-                            epilogue,
-                            out_addr as *mut f32,
-                        )
-                    };
-                }
+        TaskGrid::for_each_panel(rows, self.out_dim, |mblock_range, p, tiles| {
+            match kernel {
+                Kernel::Amx | Kernel::Avx512Dot | Kernel::Avx2Int8 => mblock_range
+                    .clone()
+                    .zip(tiles.iter_mut())
+                    .for_each(|(mb, tile)| {
+                        self.block_fast(kernel, &acts, mb, MB.min(rows - mb * MB), p, tile)
+                    }),
+                Kernel::Reference | Kernel::Fp32Gemm => mblock_range
+                    .clone()
+                    .zip(tiles.iter_mut())
+                    .for_each(|(mb, tile)| {
+                        self.block_reference(&acts, mb, MB.min(rows - mb * MB), p, tile)
+                    }),
+            }
+            for (mb, tile) in mblock_range.zip(tiles.iter()) {
+                let valid = MB.min(rows - mb * MB);
+                // SAFETY: tasks own disjoint (row block, panel) rectangles of `out`.
+                unsafe {
+                    self.finish(
+                        &acts,
+                        mb,
+                        valid,
+                        p,
+                        tile,
+                        bias,
+                        epilogue,
+                        out_addr as *mut f32,
+                    )
+                };
             }
         });
     }
