@@ -11,6 +11,7 @@
 //! Plain loops over the layout are the reference the tests compare with.
 
 use super::blocks::{MB, NB, TaskGrid, finish_row};
+use super::f32_panels::{self, PackedF32};
 use super::{Epilogue, check_sizes};
 use crate::kernels::isa::{self, Isa};
 use crate::kernels::math::{bf16_bits, bf16_to_f32};
@@ -66,6 +67,10 @@ pub struct PackedWeight {
     /// The packed values as f32 in `(out, in)` order (int8 unscaled), made on
     /// first use by the fp32-GEMM kernel for CPUs without AMX.
     values_f32: std::sync::OnceLock<Vec<f32>>,
+    /// bf16 where no bf16 kernel runs but the fp32 panels do (AVX2, and
+    /// AVX-512 without a fast `vdpbf16ps`): the rounded values in fp32
+    /// panels, made on first use instead of `values_f32`.
+    panels_f32: std::sync::OnceLock<PackedF32>,
 }
 
 /// Stores one weight row (output column `col` of its panel) in B-tile order
@@ -158,6 +163,7 @@ impl PackedWeight {
             scales,
             col_sums: Vec::new(),
             values_f32: std::sync::OnceLock::new(),
+            panels_f32: std::sync::OnceLock::new(),
         };
         let panel_bytes = k_pad * NB * esize;
         let mut data = vec![0u8; panels * panel_bytes];
@@ -250,6 +256,9 @@ impl PackedWeight {
             return;
         }
         let kernel = Kernel::select(self.quant);
+        if kernel == Kernel::Fp32Gemm && self.quant == Quant::Bf16 && f32_panels::available() {
+            return self.matmul_bf16_panels(x, rows, bias, epilogue, out);
+        }
         let acts = Activations::convert(x, rows, self, kernel);
         if kernel == Kernel::Fp32Gemm {
             return self.matmul_fp32(&acts, rows, bias, epilogue, out);
@@ -326,17 +335,42 @@ impl PackedWeight {
 
     /// The packed values as f32, `(out, in)` row-major, int8 unscaled.
     fn values_f32(&self) -> &[f32] {
-        self.values_f32.get_or_init(|| {
-            let mut w = vec![0f32; self.out_dim * self.in_dim];
-            w.par_chunks_mut(self.in_dim)
-                .enumerate()
-                .for_each(|(n, row)| {
-                    for (k, v) in row.iter_mut().enumerate() {
-                        *v = self.value(n / NB, n % NB, k);
-                    }
-                });
-            w
-        })
+        self.values_f32.get_or_init(|| self.rounded_values())
+    }
+
+    /// [`Self::values_f32`], computed.
+    fn rounded_values(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.out_dim * self.in_dim];
+        w.par_chunks_mut(self.in_dim)
+            .enumerate()
+            .for_each(|(n, row)| {
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = self.value(n / NB, n % NB, k);
+                }
+            });
+        w
+    }
+
+    /// bf16 through the fp32 panels: activations rounded to bf16 (as f32),
+    /// times the rounded weights, with fp32 sums: the numbers of the bf16
+    /// kernels up to the order of the sums, at the fp32 kernels' speed.
+    fn matmul_bf16_panels(
+        &self,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        let panels = self
+            .panels_f32
+            .get_or_init(|| PackedF32::pack(&self.rounded_values(), n, k));
+        let mut a = scratch::take::<f32>(rows * k);
+        a.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| round_to_bf16(dst, src));
+        panels.matmul(&a, rows, bias, epilogue, out)
     }
 
     /// The AMX computation on any CPU: rounded activations and weights as
@@ -487,8 +521,9 @@ pub enum Kernel {
     Avx512Dot,
     /// int8 on AVX2 (`vpmaddubsw` + `vpmaddwd`), activations at 7 bits.
     Avx2Int8,
-    /// Without AMX: the rounded operands as f32 through the `gemm` crate
-    /// (the same numbers up to fp32 rounding of the sums, at fp32 speed).
+    /// Without a dedicated kernel: the rounded operands as f32 through an
+    /// fp32 GEMM (the same numbers up to fp32 rounding of the sums, at fp32
+    /// speed): our fp32 panels for bf16 where they run, else the `gemm` crate.
     Fp32Gemm,
     /// Plain loops over the packed layout: the reference the tests compare with.
     Reference,
@@ -631,6 +666,15 @@ impl Activations {
 
     fn i8_at(&self, m: usize, k: usize) -> i8 {
         self.bytes[m * self.k_pad + k] as i8
+    }
+}
+
+multiversion! {
+    /// `dst = src` rounded to bf16 (nearest even), kept as f32.
+    fn round_to_bf16(dst: &mut [f32], src: &[f32]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = bf16_to_f32(bf16_bits(v));
+        }
     }
 }
 
