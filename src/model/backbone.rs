@@ -270,7 +270,11 @@ impl Beit {
         self.features(x, None)
     }
 
-    fn features(&self, x: &Tensor, mut train_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    fn features(&self, x: &Tensor, train_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        kernels::on_pool(|| self.features_here(x, train_rng))
+    }
+
+    fn features_here(&self, x: &Tensor, mut train_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let mut t = self.embed(x)?;
         let shared = self.shared_bias()?;
         for blk in &self.blocks {
@@ -341,6 +345,15 @@ impl Beit {
         let Some(&last) = wanted.last() else {
             return Ok(Vec::new());
         };
+        kernels::on_pool(|| self.intermediates_here(x, &wanted, last))
+    }
+
+    fn intermediates_here(
+        &self,
+        x: &Tensor,
+        wanted: &[usize],
+        last: usize,
+    ) -> Result<Vec<Intermediate>> {
         let mut t = self.embed(x)?;
         let shared = self.shared_bias()?;
         let mut out = Vec::with_capacity(wanted.len());
