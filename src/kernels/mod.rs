@@ -148,8 +148,8 @@ pub fn with_f32_mut<R>(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<R>) -> R
 /// that the parallel kernels inside share their work with that thread and
 /// the calling thread sleeps once for the whole call, instead of being woken
 /// after every parallel step while the pool's threads spin: on 2 cores, a
-/// base batch-1 int8 pass switched threads 6× less often and ran ~3% faster
-/// (AMD Zen 4).
+/// base batch-1 int8 pass switched threads 6× less often and ran 2–10%
+/// faster (AMD Zen 4).
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     match rayon::current_thread_index() {
         Some(_) => f(),

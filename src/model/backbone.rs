@@ -42,12 +42,11 @@ impl PatchEmbed {
     fn pack(&mut self) -> Result<()> {
         let c = self.weight.dim(0)?;
         let k = self.weight.elem_count() / c;
-        self.packed = match kernels::gemm::f32_panels_available() {
-            true => Some(Arc::new(kernels::with_f32(&self.weight, |w| {
-                Ok(PackedF32::pack(w, c, k))
-            })?)),
-            false => None,
-        };
+        self.packed = None;
+        if kernels::gemm::f32_panels_available() {
+            let panels = kernels::with_f32(&self.weight, |w| Ok(PackedF32::pack(w, c, k)))?;
+            self.packed = Some(Arc::new(panels));
+        }
         Ok(())
     }
 
