@@ -5,12 +5,10 @@ use super::attention::Block;
 use super::config::{BeitConfig, GlobalPool, RelPosBias};
 use super::layers::{LayerNorm, Linear, linear};
 use super::rel_pos::{gather_bias, relative_position_index_tensor, table_len};
-use crate::kernels::gemm::{PackedF32, WeightRef};
 use crate::kernels::{self, Epilogue, Precision, profile};
 use candle_core::{D, Device, IndexOp, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
-use std::sync::Arc;
 
 /// Conv2d with kernel = stride = patch, computed as one GEMM over unfolded patches.
 #[derive(Debug, Clone)]
@@ -19,9 +17,9 @@ pub struct PatchEmbed {
     pub weight: Tensor,
     pub bias: Tensor,
     patch: usize,
-    /// The weight as `(C, in_chans·p·p)` fp32 panels for inference, when
-    /// packed ([`Beit::set_precision`]).
-    packed: Option<Arc<PackedF32>>,
+    /// The projection as a `(C, in_chans·p·p)` linear layer in fp32 panels
+    /// for inference, when packed ([`Beit::set_precision`]).
+    packed: Option<Linear>,
 }
 
 impl PatchEmbed {
@@ -40,12 +38,13 @@ impl PatchEmbed {
     /// GEMM, which the `gemm` crate runs at about half their speed for one
     /// image. It stays fp32 at every precision.
     fn pack(&mut self) -> Result<()> {
-        let c = self.weight.dim(0)?;
-        let k = self.weight.elem_count() / c;
         self.packed = None;
         if kernels::gemm::f32_panels_available() {
-            let panels = kernels::with_f32(&self.weight, |w| Ok(PackedF32::pack(w, c, k)))?;
-            self.packed = Some(Arc::new(panels));
+            let c = self.weight.dim(0)?;
+            let w = self.weight.reshape((c, self.weight.elem_count() / c))?;
+            let mut proj = Linear::from_parts(w, Some(self.bias.clone()));
+            proj.set_precision(Precision::F32)?;
+            self.packed = Some(proj);
         }
         Ok(())
     }
@@ -62,27 +61,16 @@ impl PatchEmbed {
             .reshape((b, gh * gw, cin * p * p))?;
         let c = self.weight.dim(0)?;
         let constant = |t: &Tensor| kernels::is_plain_cpu_f32(t) && !t.is_variable();
-        if let Some(panels) = &self.packed
+        if let Some(proj) = &self.packed
             && kernels::fused_enabled()
             && kernels::is_plain_cpu_f32(x)
             && constant(&self.weight)
             && constant(&self.bias)
         {
-            let (rows, k) = (b * gh * gw, cin * p * p);
+            let rows = b * gh * gw;
             let mut out = vec![0f32; rows * c];
             kernels::with_f32(&patches, |x| {
-                kernels::with_f32(&self.weight, |w| {
-                    kernels::with_f32(&self.bias, |bias| {
-                        let w = WeightRef::F32 {
-                            data: w,
-                            out_dim: c,
-                            in_dim: k,
-                            panels: Some(panels),
-                        };
-                        kernels::gemm::linear(x, rows, w, Some(bias), Epilogue::Store, &mut out);
-                        Ok(())
-                    })
-                })
+                proj.apply_into(x, rows, Epilogue::Store, &mut out)
             })?;
             return Tensor::from_vec(out, (b, gh * gw, c), x.device());
         }

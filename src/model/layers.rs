@@ -88,6 +88,19 @@ impl Linear {
     ) -> Result<()> {
         let (n, k) = self.weight.dims2()?;
         let _t = profile::scope(name, 2.0 * (rows * n * k) as f64);
+        self.apply_into(x, rows, epilogue, out)
+    }
+
+    /// [`Self::forward_into`] without its profile scope, for callers timed
+    /// under a scope of their own.
+    pub fn apply_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        epilogue: Epilogue,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (n, k) = self.weight.dims2()?;
         let (ws, wl) = self.weight.storage_and_layout();
         let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bias_guard {
